@@ -1,0 +1,1 @@
+"""Baton's library: wire models, the task state machine, backends and config."""
