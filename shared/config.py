@@ -26,6 +26,17 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a Baton service reads from its environment."""
@@ -47,6 +58,8 @@ class Settings:
     active_domain_seconds: int = 10
     poll_data_flush_ms: int = 500
     definition_cache_ms: int = 2000
+    run_scheduler: bool = True
+    log_level: str = "INFO"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -78,4 +91,6 @@ class Settings:
             active_domain_seconds=_int(env, "BATON_ACTIVE_DOMAIN_SECONDS", 10),
             poll_data_flush_ms=_int(env, "BATON_POLL_DATA_FLUSH_MS", 500, 10),
             definition_cache_ms=_int(env, "BATON_DEFINITION_CACHE_MS", 2000),
+            run_scheduler=_bool(env, "BATON_RUN_SCHEDULER", True),
+            log_level=env.get("BATON_LOG_LEVEL", "INFO").upper(),
         )

@@ -1,0 +1,49 @@
+"""Run the gateway: `python -m services.gateway`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from services.gateway.app import build_app
+from services.scheduler.service import Scheduler
+from shared.config import Settings
+from shared.runtime import Runtime
+from shared.service import configure_logging, wait_for_stop_signal
+
+log = logging.getLogger(__name__)
+
+
+async def serve(settings: Settings) -> None:
+    """Serve the REST API until SIGTERM; with the embedded broker (or when
+    asked) the background service runs in the same process."""
+    runtime = Runtime(settings)
+    await runtime.start()
+    scheduler = None
+    if settings.run_scheduler or runtime.embedded_broker:
+        scheduler = Scheduler(runtime)
+        await scheduler.start()
+    runner = web.AppRunner(build_app(runtime), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.port).start()
+    log.info("gateway listening on %s:%d", settings.host, settings.port)
+    try:
+        await wait_for_stop_signal()
+    finally:
+        await runner.cleanup()
+        if scheduler:
+            await scheduler.stop()
+        await runtime.stop()
+
+
+def main() -> None:
+    """Console entry point."""
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The gateway's aiohttp application: routes, error handling, health."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from services.gateway import metadata, tasks, workflows
+from services.gateway.context import CONTEXT, Context
+from services.gateway.dispatch import Dispatchers
+from services.gateway.http import json_response
+from services.gateway.poller import Poller
+from services.health import add_health_routes
+from shared.errors import BatonError
+from shared.models import ErrorResponse, ValidationError
+from shared.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+_HOST = socket.gethostname()
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    path: str | None = None,
+    invalid_value: object = None,
+    retryable: bool = False,
+) -> web.Response:
+    """Conductor's ErrorResponse body with the given status."""
+    details = []
+    if path is not None:
+        detail = ValidationError(path=path, message=message)
+        if invalid_value is not None:
+            detail.invalidValue = invalid_value
+        details.append(detail)
+    body = ErrorResponse(
+        status=status,
+        message=message,
+        instance=_HOST,
+        retryable=retryable,
+        validationErrors=details,
+    )
+    if code:
+        body.code = code
+    return json_response(body, status=status)
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer every failure with a JSON ErrorResponse."""
+    try:
+        return await handler(request)
+    except BatonError as exc:
+        if exc.status >= 500:
+            log.warning("%s %s: %s", request.method, request.path, exc.message)
+        return error_response(
+            exc.status,
+            exc.message,
+            code=exc.code,
+            path=exc.path,
+            invalid_value=exc.invalid_value,
+            retryable=exc.retryable,
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, exc.reason, code=exc.reason.upper())
+    except (ConnectionError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(500, "internal error", code="INTERNAL")
+
+
+def build_app(runtime: Runtime) -> web.Application:
+    """Create the gateway application over started backends."""
+    settings = runtime.settings
+    dispatchers = Dispatchers(
+        runtime.broker, settings.prefetch, settings.consumer_linger_ms
+    )
+    app = web.Application(
+        middlewares=[errors_as_json], client_max_size=settings.max_body_bytes
+    )
+    app[CONTEXT] = Context(
+        settings=settings,
+        store=runtime.store,
+        broker=runtime.broker,
+        engine=runtime.engine,
+        polls=runtime.polls,
+        dispatchers=dispatchers,
+        poller=Poller(runtime.engine, dispatchers, runtime.polls),
+    )
+    add_health_routes(app, runtime)
+    app.add_routes(tasks.routes)
+    app.add_routes(metadata.routes)
+    app.add_routes(workflows.routes)
+    app.on_shutdown.append(_release_polls)
+    return app
+
+
+async def _release_polls(app: web.Application) -> None:
+    await app[CONTEXT].dispatchers.close()

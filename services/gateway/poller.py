@@ -1,0 +1,130 @@
+"""The poll path: take deliveries, claim their tasks, answer, then ack.
+
+A delivery stays unacked until the poll response carrying its task has
+been written. If the gateway dies first, the broker redelivers the same
+message, and the store lets that message claim its task again because it
+carries the same message id. If the write fails, the delivery goes back
+to the queue at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from services.gateway.dispatch import Dispatchers
+from shared.clock import now_ms
+from shared.engine import Engine
+from shared.errors import BatonError
+from shared.interfaces import Delivery
+from shared.models import Task
+from shared.polldata import PollRecorder
+from shared.queues import queue_name
+
+log = logging.getLogger(__name__)
+
+
+class Poller:
+    """Serves single, batch and chained polls."""
+
+    def __init__(
+        self, engine: Engine, dispatchers: Dispatchers, polls: PollRecorder
+    ) -> None:
+        self._engine = engine
+        self._dispatchers = dispatchers
+        self._polls = polls
+
+    async def poll(
+        self,
+        request: web.Request,
+        task_type: str,
+        domain: str | None,
+        worker_id: str | None,
+        count: int,
+        timeout_ms: int,
+    ) -> tuple[list[Task], list[Delivery]]:
+        """Wait up to `timeout_ms` for up to `count` tasks and claim them.
+
+        Returns the claimed tasks and the deliveries to settle once the
+        answer is written (see `answer`).
+        """
+        self._polls.record(task_type, domain, worker_id, now_ms())
+        if count == 0:
+            return [], []
+        queue = queue_name(task_type, domain)
+        await self._engine.ensure_queue(queue)
+        dispatcher = self._dispatchers.get(queue)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_ms / 1000
+
+        while True:
+            deliveries = await dispatcher.take(count, max(0.0, deadline - loop.time()))
+            if not deliveries:
+                return [], []
+            if _gone(request):
+                dispatcher.give_back(deliveries)
+                return [], []
+            tasks, winners = await self._claim(deliveries, worker_id)
+            if tasks or loop.time() >= deadline:
+                return tasks, winners
+
+    async def _claim(
+        self, deliveries: list[Delivery], worker_id: str | None
+    ) -> tuple[list[Task], list[Delivery]]:
+        unique: dict[str, Delivery] = {}
+        spare: list[Delivery] = []
+        for delivery in deliveries:
+            held = unique.get(delivery.message.task_id)
+            if held is None or held.message.version < delivery.message.version:
+                if held is not None:
+                    spare.append(held)
+                unique[delivery.message.task_id] = delivery
+            else:
+                spare.append(delivery)
+        try:
+            tasks = await self._engine.claim(
+                [d.message for d in unique.values()], worker_id
+            )
+        except BatonError:
+            await _settle(deliveries, ack=False)
+            raise
+
+        won = {task.taskId for task in tasks}
+        winners = [d for d in unique.values() if d.message.task_id in won]
+        stale = spare + [d for d in unique.values() if d.message.task_id not in won]
+        if stale:
+            log.debug("dropping %d stale or duplicate messages", len(stale))
+            await _settle(stale, ack=True)
+        return tasks, winners
+
+
+async def answer(
+    request: web.Request, response: web.StreamResponse, deliveries: Sequence[Delivery]
+) -> web.StreamResponse:
+    """Write `response`, then ack `deliveries`; requeue them if it fails."""
+    if not deliveries:
+        return response
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except (ConnectionError, asyncio.CancelledError):
+        await _settle(deliveries, ack=False)
+        raise
+    await _settle(deliveries, ack=True)
+    return response
+
+
+async def _settle(deliveries: Sequence[Delivery], *, ack: bool) -> None:
+    settling = [d.ack() if ack else d.requeue() for d in deliveries]
+    results = await asyncio.gather(*settling, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            log.warning("settling a delivery failed: %s", result)
+
+
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()

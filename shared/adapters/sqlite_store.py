@@ -1,0 +1,716 @@
+"""The embedded store: one SQLite file, owned by one thread.
+
+sqlite3 blocks, so the connection lives on a dedicated thread and the event
+loop only hands it operations. The thread runs whatever is queued inside one
+transaction, each operation in its own savepoint so a failure undoes only
+that operation, commits once when the queue runs dry, and only then resolves
+the callers: a burst of writes costs one commit, and nobody sees a write
+that could still be lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, Final, NamedTuple, TypeVar
+
+import msgspec
+from msgspec import UNSET
+
+from shared.errors import DuplicateKey, StoreError
+from shared.interfaces import Store, TaskMessage, VersionedTask
+from shared.models import (
+    PollData,
+    Task,
+    TaskDef,
+    TaskExecLog,
+    TaskResult,
+    Workflow,
+    WorkflowDef,
+    WorkflowStatus,
+)
+
+T = TypeVar("T")
+Operation = Callable[[sqlite3.Connection], Any]
+
+_MAX_GROUP: Final = 512
+_MAX_VARIABLES: Final = 500
+_BUSY_TIMEOUT_MS: Final = 5000
+_TASK_FIELDS: Final = frozenset(Task.__struct_fields__)
+_WORKFLOW_PATCH_FIELDS: Final = frozenset(Workflow.__struct_fields__) - {
+    "workflowId",
+    "tasks",
+}
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS task_defs (
+    name TEXT PRIMARY KEY,
+    doc BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS workflow_defs (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    doc BLOB NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE IF NOT EXISTS workflows (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    doc BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    workflow_id TEXT,
+    seq INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    task_type TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    claim TEXT,
+    doc BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_workflow ON tasks (workflow_id, seq);
+CREATE INDEX IF NOT EXISTS tasks_status_type ON tasks (status, task_type);
+CREATE TABLE IF NOT EXISTS task_results (
+    id INTEGER PRIMARY KEY,
+    task_id TEXT,
+    received_at INTEGER NOT NULL,
+    doc BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS task_results_task
+    ON task_results (task_id, received_at);
+CREATE TABLE IF NOT EXISTS task_logs (
+    id INTEGER PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    log TEXT,
+    created_time INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS task_logs_task ON task_logs (task_id);
+CREATE TABLE IF NOT EXISTS poll_data (
+    queue_name TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    worker_id TEXT,
+    last_poll_time INTEGER NOT NULL,
+    PRIMARY KEY (queue_name, domain)
+);
+CREATE TABLE IF NOT EXISTS queues (
+    name TEXT PRIMARY KEY
+) WITHOUT ROWID;
+"""
+
+_encode = msgspec.json.Encoder().encode
+_decode_task = msgspec.json.Decoder(Task).decode
+_decode_workflow = msgspec.json.Decoder(Workflow).decode
+_decode_task_def = msgspec.json.Decoder(TaskDef).decode
+_decode_workflow_def = msgspec.json.Decoder(WorkflowDef).decode
+_decode_task_result = msgspec.json.Decoder(TaskResult).decode
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    # Statement by statement: executescript would commit the open group.
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+class _Request(NamedTuple):
+    operation: Operation | None  # None asks the thread to stop.
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+class _Outcome(NamedTuple):
+    request: _Request
+    value: Any
+    error: BaseException | None
+
+
+def _store_error(exc: Exception) -> StoreError:
+    error = StoreError(f"SQLite operation failed: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _settle(outcomes: list[_Outcome]) -> None:
+    for request, value, error in outcomes:
+        if request.future.done():
+            continue
+        if error is None:
+            request.future.set_result(value)
+        else:
+            request.future.set_exception(error)
+
+
+def _deliver(outcomes: list[_Outcome]) -> None:
+    """Resolve futures on their own loops, one wake-up per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+    for outcome in outcomes:
+        by_loop.setdefault(outcome.request.loop, []).append(outcome)
+    for loop, group in by_loop.items():
+        # A closed loop has nobody waiting any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle, group)
+
+
+def _check_patch(patch: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    unknown = patch.keys() - allowed
+    if unknown:
+        raise ValueError(f"cannot patch unknown fields {sorted(unknown)}")
+
+
+def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _poll_data(
+    queue_name: str, domain: str, worker_id: str | None, last_poll_time: int
+) -> PollData:
+    return PollData(
+        queueName=queue_name,
+        domain=domain or UNSET,
+        workerId=UNSET if worker_id is None else worker_id,
+        lastPollTime=last_poll_time,
+    )
+
+
+class SQLiteStore(Store):
+    """The embedded store: a SQLite file in WAL mode, one writer thread.
+
+    Tables hold each record as msgspec JSON next to the columns that
+    queries filter or sort on, with an index for each of those queries.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._queue: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # Lifecycle.
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._serve, name=f"sqlite-store:{self._path}", daemon=True
+        )
+        self._thread.start()
+        try:
+            await self._call(_create_schema)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        thread = self._thread
+        if thread is None or self._stopping:
+            return
+        self._stopping = True
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.put(_Request(None, future, loop))
+        await future
+        self._thread = None
+
+    async def ping(self) -> None:
+        await self._call(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def _call(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        if self._thread is None or self._stopping:
+            raise StoreError("SQLite store is not started")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Request(operation, future, loop))
+        return await future
+
+    # The connection's thread.
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self._path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+        return conn
+
+    def _serve(self) -> None:
+        conn: sqlite3.Connection | None
+        broken: StoreError | None = None
+        try:
+            conn = self._connect()
+        except sqlite3.Error as exc:
+            conn, broken = None, _store_error(exc)
+        stop: _Request | None = None
+        while stop is None:
+            request = self._queue.get()
+            if request.operation is None:
+                stop = request
+                break
+            if conn is None:
+                _deliver([_Outcome(request, None, broken)])
+                continue
+            stop = self._run_group(conn, request)
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        if stop is not None:
+            _deliver([_Outcome(stop, None, None)])
+
+    def _run_group(
+        self, conn: sqlite3.Connection, request: _Request
+    ) -> _Request | None:
+        """Run `request` and whatever else is queued in one transaction.
+
+        Returns the stop request if one was dequeued.
+        """
+        requests = [request]
+        outcomes: list[_Outcome] = []
+        stop: _Request | None = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            while True:
+                outcomes.append(self._apply(conn, request))
+                if not conn.in_transaction:
+                    # The failure rolled the whole transaction back, so the
+                    # operations before it were undone too.
+                    raise StoreError("SQLite transaction was rolled back")
+                if len(outcomes) >= _MAX_GROUP:
+                    break
+                try:
+                    request = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if request.operation is None:
+                    stop = request
+                    break
+                requests.append(request)
+            conn.execute("COMMIT")
+        except Exception as exc:
+            error = exc if isinstance(exc, StoreError) else _store_error(exc)
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            outcomes = [
+                outcomes[i]
+                if i < len(outcomes) and outcomes[i].error is not None
+                else _Outcome(queued, None, error)
+                for i, queued in enumerate(requests)
+            ]
+        _deliver(outcomes)
+        return stop
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, request: _Request) -> _Outcome:
+        """Run one operation in a savepoint, undoing only it if it fails."""
+        assert request.operation is not None
+        conn.execute("SAVEPOINT op")
+        try:
+            value = request.operation(conn)
+        except Exception as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+            if isinstance(exc, sqlite3.Error | msgspec.DecodeError):
+                return _Outcome(request, None, _store_error(exc))
+            return _Outcome(request, None, exc)
+        conn.execute("RELEASE op")
+        return _Outcome(request, value, None)
+
+    # Definitions.
+
+    async def upsert_task_defs(self, defs: Sequence[TaskDef]) -> None:
+        rows = [(d.name, _encode(d)) for d in defs]
+        if not rows:
+            return
+        await self._call(
+            lambda conn: conn.executemany(
+                "INSERT INTO task_defs (name, doc) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET doc = excluded.doc",
+                rows,
+            )
+        )
+
+    async def get_task_def(self, name: str) -> TaskDef | None:
+        row = await self._call(
+            lambda conn: conn.execute(
+                "SELECT doc FROM task_defs WHERE name = ?", (name,)
+            ).fetchone()
+        )
+        return None if row is None else _decode_task_def(row[0])
+
+    async def list_task_defs(self) -> list[TaskDef]:
+        rows = await self._call(
+            lambda conn: conn.execute(
+                "SELECT doc FROM task_defs ORDER BY name"
+            ).fetchall()
+        )
+        return [_decode_task_def(row[0]) for row in rows]
+
+    async def delete_task_def(self, name: str) -> bool:
+        deleted = await self._call(
+            lambda conn: (
+                conn.execute("DELETE FROM task_defs WHERE name = ?", (name,)).rowcount
+            )
+        )
+        return deleted > 0
+
+    async def put_workflow_def(self, definition: WorkflowDef, overwrite: bool) -> bool:
+        row = (definition.name, definition.version, _encode(definition))
+        on_conflict = "DO UPDATE SET doc = excluded.doc" if overwrite else "DO NOTHING"
+        sql = (
+            "INSERT INTO workflow_defs (name, version, doc) VALUES (?, ?, ?) "
+            f"ON CONFLICT (name, version) {on_conflict}"
+        )
+        written = await self._call(lambda conn: conn.execute(sql, row).rowcount)
+        return written > 0
+
+    async def get_workflow_def(
+        self, name: str, version: int | None = None
+    ) -> WorkflowDef | None:
+        if version is None:
+            sql = (
+                "SELECT doc FROM workflow_defs WHERE name = ? "
+                "ORDER BY version DESC LIMIT 1"
+            )
+            params: tuple[Any, ...] = (name,)
+        else:
+            sql = "SELECT doc FROM workflow_defs WHERE name = ? AND version = ?"
+            params = (name, version)
+        row = await self._call(lambda conn: conn.execute(sql, params).fetchone())
+        return None if row is None else _decode_workflow_def(row[0])
+
+    async def list_workflow_defs(self) -> list[WorkflowDef]:
+        rows = await self._call(
+            lambda conn: conn.execute(
+                "SELECT doc FROM workflow_defs ORDER BY name, version"
+            ).fetchall()
+        )
+        return [_decode_workflow_def(row[0]) for row in rows]
+
+    # Workflows.
+
+    async def insert_workflow(self, workflow: Workflow) -> None:
+        row = (
+            workflow.workflowId,
+            workflow.status,
+            _encode(msgspec.structs.replace(workflow, tasks=[])),
+        )
+
+        def insert(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    "INSERT INTO workflows (id, status, doc) VALUES (?, ?, ?)", row
+                )
+            except sqlite3.IntegrityError as exc:
+                raise DuplicateKey(
+                    f"workflow {workflow.workflowId} exists already"
+                ) from exc
+
+        await self._call(insert)
+
+    async def get_workflow(self, workflow_id: str) -> Workflow | None:
+        row = await self._call(
+            lambda conn: conn.execute(
+                "SELECT doc FROM workflows WHERE id = ?", (workflow_id,)
+            ).fetchone()
+        )
+        return None if row is None else _decode_workflow(row[0])
+
+    async def finish_workflow(
+        self, workflow_id: str, status: WorkflowStatus, patch: Mapping[str, Any]
+    ) -> Workflow | None:
+        _check_patch(patch, _WORKFLOW_PATCH_FIELDS)
+        changes = {**patch, "status": status}
+
+        def finish(conn: sqlite3.Connection) -> Workflow | None:
+            row = conn.execute(
+                "SELECT status, doc FROM workflows WHERE id = ?", (workflow_id,)
+            ).fetchone()
+            if row is None or row[0] != "RUNNING":
+                return None
+            updated = msgspec.structs.replace(_decode_workflow(row[1]), **changes)
+            blob = _encode(updated)
+            # Decoding what is stored validates the patched values.
+            updated = _decode_workflow(blob)
+            conn.execute(
+                "UPDATE workflows SET status = ?, doc = ? WHERE id = ?",
+                (updated.status, blob, workflow_id),
+            )
+            return updated
+
+        return await self._call(finish)
+
+    # Tasks.
+
+    async def insert_tasks(self, tasks: Sequence[Task]) -> None:
+        rows = [
+            (
+                task.taskId,
+                task.workflowInstanceId or None,
+                task.seq,
+                task.status,
+                task.taskType,
+                _encode(task),
+            )
+            for task in tasks
+        ]
+        if not rows:
+            return
+        await self._call(
+            lambda conn: conn.executemany(
+                "INSERT INTO tasks "
+                "(id, workflow_id, seq, status, task_type, version, claim, doc) "
+                "VALUES (?, ?, ?, ?, ?, 0, NULL, ?) ON CONFLICT (id) DO NOTHING",
+                rows,
+            )
+        )
+
+    async def get_task(self, task_id: str) -> VersionedTask | None:
+        row = await self._call(
+            lambda conn: conn.execute(
+                "SELECT doc, version FROM tasks WHERE id = ?", (task_id,)
+            ).fetchone()
+        )
+        return None if row is None else VersionedTask(_decode_task(row[0]), row[1])
+
+    async def workflow_tasks(self, workflow_id: str) -> list[Task]:
+        rows = await self._call(
+            lambda conn: conn.execute(
+                "SELECT doc FROM tasks WHERE workflow_id = ? ORDER BY seq",
+                (workflow_id,),
+            ).fetchall()
+        )
+        return [_decode_task(row[0]) for row in rows]
+
+    async def claim_tasks(
+        self, messages: Sequence[TaskMessage], worker_id: str | None, now: int
+    ) -> list[Task]:
+        unique: dict[str, TaskMessage] = {}
+        for message in messages:
+            unique.setdefault(message.message_id, message)
+        if not unique:
+            return []
+        ids = list({message.task_id for message in unique.values()})
+        worker = UNSET if worker_id is None else worker_id
+
+        def claim(conn: sqlite3.Connection) -> list[Task]:
+            current: dict[str, tuple[str, int, str | None, bytes]] = {}
+            for chunk in _chunks(ids, _MAX_VARIABLES):
+                marks = ",".join("?" * len(chunk))
+                for task_id, *state in conn.execute(
+                    "SELECT id, status, version, claim, doc FROM tasks "
+                    f"WHERE id IN ({marks})",
+                    chunk,
+                ):
+                    current[task_id] = (state[0], state[1], state[2], state[3])
+            winners: list[Task] = []
+            updates: list[tuple[int, str, bytes, str]] = []
+            for message in unique.values():
+                state = current.get(message.task_id)
+                if state is None:
+                    continue
+                status, version, claimed_by, doc = state
+                fresh = status == "SCHEDULED" and version == message.version
+                redelivered = (
+                    status == "IN_PROGRESS"
+                    and claimed_by == message.message_id
+                    and version == message.version + 1
+                )
+                if not (fresh or redelivered):
+                    continue
+                task = _decode_task(doc)
+                task = msgspec.structs.replace(
+                    task,
+                    status="IN_PROGRESS",
+                    pollCount=task.pollCount + 1,
+                    workerId=worker,
+                    updateTime=now,
+                    callbackAfterSeconds=0,
+                    startTime=task.startTime or now,
+                )
+                blob = _encode(task)
+                new_version = message.version + 1
+                # A later message in this batch must see the claim.
+                current[message.task_id] = (
+                    "IN_PROGRESS",
+                    new_version,
+                    message.message_id,
+                    blob,
+                )
+                updates.append((new_version, message.message_id, blob, task.taskId))
+                winners.append(task)
+            if updates:
+                conn.executemany(
+                    "UPDATE tasks SET status = 'IN_PROGRESS', version = ?, "
+                    "claim = ?, doc = ? WHERE id = ?",
+                    updates,
+                )
+            return winners
+
+        return await self._call(claim)
+
+    async def transition_task(
+        self,
+        task_id: str,
+        from_statuses: Collection[str],
+        patch: Mapping[str, Any],
+    ) -> VersionedTask | None:
+        _check_patch(patch, _TASK_FIELDS)
+        allowed = frozenset(from_statuses)
+        changes = dict(patch)
+
+        def transition(conn: sqlite3.Connection) -> VersionedTask | None:
+            row = conn.execute(
+                "SELECT status, version, doc FROM tasks WHERE id = ?", (task_id,)
+            ).fetchone()
+            if row is None or row[0] not in allowed:
+                return None
+            task = msgspec.structs.replace(_decode_task(row[2]), **changes)
+            blob = _encode(task)
+            # Decoding what is stored validates the patched values.
+            task = _decode_task(blob)
+            version = row[1] + 1
+            conn.execute(
+                "UPDATE tasks SET workflow_id = ?, seq = ?, status = ?, "
+                "task_type = ?, version = ?, doc = ? WHERE id = ?",
+                (
+                    task.workflowInstanceId or None,
+                    task.seq,
+                    task.status,
+                    task.taskType,
+                    version,
+                    blob,
+                    task_id,
+                ),
+            )
+            return VersionedTask(task, version)
+
+        return await self._call(transition)
+
+    async def scheduled_tasks(
+        self, task_type: str | None = None
+    ) -> list[VersionedTask]:
+        if task_type is None:
+            sql = "SELECT doc, version FROM tasks WHERE status = 'SCHEDULED'"
+            params: tuple[Any, ...] = ()
+        else:
+            sql = (
+                "SELECT doc, version FROM tasks "
+                "WHERE status = 'SCHEDULED' AND task_type = ?"
+            )
+            params = (task_type,)
+        rows = await self._call(lambda conn: conn.execute(sql, params).fetchall())
+        return [VersionedTask(_decode_task(doc), version) for doc, version in rows]
+
+    # History.
+
+    async def add_task_result(self, result: TaskResult, received_at: int) -> None:
+        row = (result.taskId, received_at, _encode(result))
+        await self._call(
+            lambda conn: conn.execute(
+                "INSERT INTO task_results (task_id, received_at, doc) VALUES (?, ?, ?)",
+                row,
+            )
+        )
+
+    async def task_results(self, task_id: str) -> list[TaskResult]:
+        rows = await self._call(
+            lambda conn: conn.execute(
+                "SELECT doc FROM task_results WHERE task_id = ? "
+                "ORDER BY received_at, id",
+                (task_id,),
+            ).fetchall()
+        )
+        return [_decode_task_result(row[0]) for row in rows]
+
+    async def add_logs(self, task_id: str, logs: Sequence[TaskExecLog]) -> None:
+        rows = [(task_id, line.log, line.createdTime) for line in logs]
+        if not rows:
+            return
+        await self._call(
+            lambda conn: conn.executemany(
+                "INSERT INTO task_logs (task_id, log, created_time) VALUES (?, ?, ?)",
+                rows,
+            )
+        )
+
+    async def get_logs(self, task_id: str) -> list[TaskExecLog]:
+        rows = await self._call(
+            lambda conn: conn.execute(
+                "SELECT log, created_time FROM task_logs WHERE task_id = ? ORDER BY id",
+                (task_id,),
+            ).fetchall()
+        )
+        return [
+            TaskExecLog(log=log, taskId=task_id, createdTime=created)
+            for log, created in rows
+        ]
+
+    # Poll data and queues.
+
+    async def save_poll_data(self, entries: Sequence[PollData]) -> None:
+        latest: dict[tuple[str, str], PollData] = {}
+        for entry in entries:
+            # An empty domain is no domain, as in Conductor's queue names;
+            # NULL would not be unique in the primary key.
+            domain = entry.domain if isinstance(entry.domain, str) else ""
+            key = (entry.queueName, domain)
+            seen = latest.get(key)
+            if seen is None or entry.lastPollTime >= seen.lastPollTime:
+                latest[key] = entry
+        rows = [
+            (
+                queue_name,
+                domain,
+                entry.workerId if isinstance(entry.workerId, str) else None,
+                entry.lastPollTime,
+            )
+            for (queue_name, domain), entry in latest.items()
+        ]
+        if not rows:
+            return
+        await self._call(
+            lambda conn: conn.executemany(
+                "INSERT INTO poll_data "
+                "(queue_name, domain, worker_id, last_poll_time) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (queue_name, domain) DO UPDATE SET "
+                "worker_id = excluded.worker_id, "
+                "last_poll_time = max(last_poll_time, excluded.last_poll_time)",
+                rows,
+            )
+        )
+
+    async def get_poll_data(self, task_type: str | None = None) -> list[PollData]:
+        columns = "SELECT queue_name, domain, worker_id, last_poll_time FROM poll_data"
+        if task_type is None:
+            sql = f"{columns} ORDER BY queue_name, domain"
+            params: tuple[Any, ...] = ()
+        else:
+            sql = f"{columns} WHERE queue_name = ? ORDER BY domain"
+            params = (task_type,)
+        rows = await self._call(lambda conn: conn.execute(sql, params).fetchall())
+        return [_poll_data(*row) for row in rows]
+
+    async def register_queues(self, queues: Sequence[str]) -> None:
+        rows = [(name,) for name in dict.fromkeys(queues)]
+        if not rows:
+            return
+        await self._call(
+            lambda conn: conn.executemany(
+                "INSERT INTO queues (name) VALUES (?) ON CONFLICT (name) DO NOTHING",
+                rows,
+            )
+        )
+
+    async def list_queues(self) -> list[str]:
+        rows = await self._call(
+            lambda conn: conn.execute(
+                "SELECT name FROM queues ORDER BY name"
+            ).fetchall()
+        )
+        return [row[0] for row in rows]
