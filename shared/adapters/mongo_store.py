@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgspec
 from msgspec import UNSET
@@ -51,6 +51,15 @@ _WORKFLOW_PATCH_FIELDS: Final = frozenset(Workflow.__struct_fields__) - {
 }
 
 
+_T = TypeVar("_T")
+
+
+def _decode(doc: Document, kind: type[_T]) -> _T:
+    # Lenient on scalars: a wire-compatible server may hand booleans back
+    # as 0/1; every field is still checked against the model.
+    return msgspec.convert(doc, kind, strict=False)
+
+
 @contextmanager
 def _translated(operation: str) -> Iterator[None]:
     """Turn driver and decoding failures into StoreError."""
@@ -87,7 +96,7 @@ def _task_def_doc(definition: TaskDef) -> Document:
 
 
 def _versioned(doc: Document) -> VersionedTask:
-    return VersionedTask(msgspec.convert(doc, Task), doc["_version"])
+    return VersionedTask(_decode(doc, Task), doc["_version"])
 
 
 def _split_patch(
@@ -113,7 +122,7 @@ def _poll_data(doc: Document) -> PollData:
         doc.pop("domain", None)
     if doc.get("workerId") is None:
         doc.pop("workerId", None)
-    return msgspec.convert(doc, PollData)
+    return _decode(doc, PollData)
 
 
 class MongoStore(Store):
@@ -209,12 +218,12 @@ class MongoStore(Store):
     async def get_task_def(self, name: str) -> TaskDef | None:
         with _translated("get_task_def"):
             doc = await self._coll("task_defs").find_one({"_id": name})
-            return None if doc is None else msgspec.convert(doc, TaskDef)
+            return None if doc is None else _decode(doc, TaskDef)
 
     async def list_task_defs(self) -> list[TaskDef]:
         with _translated("list_task_defs"):
             cursor = self._coll("task_defs").find({}).sort("_id", ASCENDING)
-            return [msgspec.convert(doc, TaskDef) async for doc in cursor]
+            return [_decode(doc, TaskDef) async for doc in cursor]
 
     async def delete_task_def(self, name: str) -> bool:
         with _translated("delete_task_def"):
@@ -251,7 +260,7 @@ class MongoStore(Store):
                 doc = await coll.find_one(
                     {"name": name}, sort=[("version", DESCENDING)]
                 )
-            return None if doc is None else msgspec.convert(doc, WorkflowDef)
+            return None if doc is None else _decode(doc, WorkflowDef)
 
     async def list_workflow_defs(self) -> list[WorkflowDef]:
         with _translated("list_workflow_defs"):
@@ -260,7 +269,7 @@ class MongoStore(Store):
                 .find({})
                 .sort([("name", ASCENDING), ("version", ASCENDING)])
             )
-            return [msgspec.convert(doc, WorkflowDef) async for doc in cursor]
+            return [_decode(doc, WorkflowDef) async for doc in cursor]
 
     # Workflows.
 
@@ -279,7 +288,7 @@ class MongoStore(Store):
     async def get_workflow(self, workflow_id: str) -> Workflow | None:
         with _translated("get_workflow"):
             doc = await self._coll("workflows").find_one({"_id": workflow_id})
-            return None if doc is None else msgspec.convert(doc, Workflow)
+            return None if doc is None else _decode(doc, Workflow)
 
     async def finish_workflow(
         self, workflow_id: str, status: WorkflowStatus, patch: Mapping[str, Any]
@@ -295,7 +304,7 @@ class MongoStore(Store):
                 update,
                 return_document=ReturnDocument.AFTER,
             )
-            return None if doc is None else msgspec.convert(doc, Workflow)
+            return None if doc is None else _decode(doc, Workflow)
 
     # Tasks.
 
@@ -322,7 +331,7 @@ class MongoStore(Store):
                 .find({"workflowInstanceId": workflow_id})
                 .sort("seq", ASCENDING)
             )
-            return [msgspec.convert(doc, Task) async for doc in cursor]
+            return [_decode(doc, Task) async for doc in cursor]
 
     async def claim_tasks(
         self, messages: Sequence[TaskMessage], worker_id: str | None, now: int
@@ -371,7 +380,7 @@ class MongoStore(Store):
             if result.modified_count == 0:
                 return []
             won = {
-                doc["_id"]: msgspec.convert(doc, Task)
+                doc["_id"]: _decode(doc, Task)
                 async for doc in coll.find({"_id": {"$in": ids}, "_token": token})
             }
         winners: list[Task] = []
@@ -428,7 +437,7 @@ class MongoStore(Store):
                 .find({"taskId": task_id})
                 .sort([("_received", ASCENDING), ("_id", ASCENDING)])
             )
-            return [msgspec.convert(doc, TaskResult) async for doc in cursor]
+            return [_decode(doc, TaskResult) async for doc in cursor]
 
     async def add_logs(self, task_id: str, logs: Sequence[TaskExecLog]) -> None:
         if not logs:
@@ -453,7 +462,7 @@ class MongoStore(Store):
                 .find({"taskId": task_id})
                 .sort([("_at", ASCENDING), ("_id", ASCENDING)])
             )
-            return [msgspec.convert(doc, TaskExecLog) async for doc in cursor]
+            return [_decode(doc, TaskExecLog) async for doc in cursor]
 
     # Poll data and queues.
 

@@ -1,7 +1,5 @@
 """The official Python SDK (conductor-python 2.0.0), unchanged, against Baton."""
 
-from __future__ import annotations
-
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
@@ -36,7 +34,9 @@ def fail_first_attempt(task: Task) -> dict[str, Any]:
 
 @asynccontextmanager
 async def sdk_workers(
-    baton: Baton, monkeypatch: pytest.MonkeyPatch, workers: dict[str, Callable[..., Any]]
+    baton: Baton,
+    monkeypatch: pytest.MonkeyPatch,
+    workers: dict[str, Callable[..., Any]],
 ) -> AsyncIterator[None]:
     """Run SDK workers (threads) for the given task types while inside."""
     monkeypatch.setenv("CONDUCTOR_WORKER_ISOLATION", "thread")
@@ -120,6 +120,6 @@ async def test_sdk_worker_failing_once_succeeds_on_retry(
     assert workflow["status"] == "COMPLETED"
     assert [t["status"] for t in workflow["tasks"]] == ["FAILED", "COMPLETED"]
     assert workflow["output"] == {"value": 5, "attempt": 1}
-    logs = (await baton.request("GET", f"/tasks/{workflow['tasks'][0]['taskId']}/log"))
+    logs = await baton.request("GET", f"/tasks/{workflow['tasks'][0]['taskId']}/log")
     assert logs[0] == 200
     assert any("transient failure" in entry["log"] for entry in logs[1])
