@@ -80,7 +80,11 @@ class Baton:
         domain: str | None = None,
     ) -> list[dict[str, Any]]:
         """Batch-poll; return the tasks handed out."""
-        params: dict[str, Any] = {"count": count, "timeout": timeout, "workerid": worker}
+        params: dict[str, Any] = {
+            "count": count,
+            "timeout": timeout,
+            "workerid": worker,
+        }
         if domain:
             params["domain"] = domain
         status, tasks = await self.request(
@@ -134,9 +138,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def settings(
-    backend: str, tmp_path: Any, request: pytest.FixtureRequest
-) -> Settings:
+def settings(backend: str, tmp_path: Any, request: pytest.FixtureRequest) -> Settings:
     """Settings for a gateway on `backend`: embedded broker and SQLite, or
     RabbitMQ and the MongoDB wire server."""
     base = {
