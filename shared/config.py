@@ -59,6 +59,9 @@ class Settings:
     poll_data_flush_ms: int = 500
     definition_cache_ms: int = 2000
     run_scheduler: bool = True
+    ack_timeout_seconds: int = 0
+    sweep_seconds: int = 30
+    reconcile_grace_seconds: int = 10
     log_level: str = "INFO"
 
     @classmethod
@@ -92,5 +95,8 @@ class Settings:
             poll_data_flush_ms=_int(env, "BATON_POLL_DATA_FLUSH_MS", 500, 10),
             definition_cache_ms=_int(env, "BATON_DEFINITION_CACHE_MS", 2000),
             run_scheduler=_bool(env, "BATON_RUN_SCHEDULER", True),
+            ack_timeout_seconds=_int(env, "BATON_ACK_TIMEOUT_SECONDS", 0),
+            sweep_seconds=_int(env, "BATON_SWEEP_SECONDS", 30, 1),
+            reconcile_grace_seconds=_int(env, "BATON_RECONCILE_GRACE_SECONDS", 10),
             log_level=env.get("BATON_LOG_LEVEL", "INFO").upper(),
         )

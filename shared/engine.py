@@ -46,6 +46,7 @@ from shared.models import (
 )
 from shared.polldata import PollRecorder
 from shared.queues import check_name, queue_name
+from shared.timers import Timers
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,11 @@ _NOT_RETRIABLE = frozenset({"FAILED_WITH_TERMINAL_ERROR", "CANCELED"})
 def task_queue(task: Task) -> str:
     """Return the logical queue a task is published to."""
     return queue_name(task.taskType, task.domain or None)
+
+
+def due_time(task: Task) -> int:
+    """When a SCHEDULED task becomes pollable, in epoch milliseconds."""
+    return task.updateTime + task.callbackAfterSeconds * 1000
 
 
 def retry_delay(definition: TaskDef, retry_count: int) -> int:
@@ -88,6 +94,7 @@ class Engine:
         self.polls = polls
         self.settings = settings
         self.definitions = DefinitionCache(store, settings.definition_cache_ms)
+        self.timers = Timers(self, settings.ack_timeout_seconds)
         self._declared: set[str] = set()
 
     # Workflows.
@@ -171,14 +178,30 @@ class Engine:
         """Hand out the tasks that `messages` still point to."""
         if not messages:
             return []
-        return await self.store.claim_tasks(messages, worker_id, now_ms())
+        tasks = await self.store.claim_tasks(messages, worker_id, now_ms())
+        if tasks:
+            versions = {m.task_id: m.version + 1 for m in messages}
+            await self.timers.arm_handed_out(tasks, versions)
+        return tasks
 
     async def ack(self, task_id: str, worker_id: str | None) -> bool:
-        """Tell whether `worker_id` holds `task_id` in progress."""
+        """Acknowledge that `worker_id` holds `task_id` in progress.
+
+        Returns False when it does not. An ack counts as an update: it
+        stops the ack deadline and restarts the response timeout.
+        """
         found = await self.store.get_task(task_id)
         if found is None or found.task.status != "IN_PROGRESS":
             return False
-        return worker_id is None or found.task.workerId == worker_id
+        if worker_id is not None and found.task.workerId != worker_id:
+            return False
+        acked = await self.store.transition_task(
+            task_id,
+            ("IN_PROGRESS",),
+            {"updateTime": now_ms()},
+            expected_version=found.version,
+        )
+        return acked is not None
 
     async def update_task(self, result: TaskResult) -> Task:
         """Apply a worker's result; return the task as it now stands.
@@ -210,9 +233,9 @@ class Engine:
         await self._record(result, now)
         task = updated.task
         if task.status == "SCHEDULED":
-            await self._publish([task], updated.version, task.callbackAfterSeconds)
+            await self.publish([task], updated.version, task.callbackAfterSeconds)
         else:
-            await self._decide(task)
+            await self.decide(task)
         return task
 
     async def update_task_by_ref(
@@ -271,14 +294,11 @@ class Engine:
         now = now_ms()
         groups: dict[tuple[str, int, int], list[TaskMessage]] = defaultdict(list)
         for task, version in scheduled:
-            due = task.updateTime + task.callbackAfterSeconds * 1000
-            if task.startDelayInSeconds and task.callbackAfterSeconds == 0:
-                due = task.scheduledTime + task.startDelayInSeconds * 1000
-            remaining = max(0, -(-(due - now) // 1000))
+            remaining = max(0, -(-(due_time(task) - now) // 1000))
             key = (task_queue(task), version, remaining)
             groups[key].append(TaskMessage.for_task(task.taskId, version))
         for (queue, _, delay), messages in groups.items():
-            await self._send(queue, messages, delay)
+            await self.send(queue, messages, delay)
 
     # Scheduling.
 
@@ -308,7 +328,8 @@ class Engine:
             retry_of=retry_of,
         )
         await self.store.insert_tasks([task])
-        await self._publish([task], 0, delay)
+        await self.publish([task], 0, delay)
+        await self.timers.arm_scheduled([task])
 
     def _new_task(
         self,
@@ -350,18 +371,20 @@ class Engine:
             rateLimitFrequencyInSeconds=task_def.rateLimitFrequencyInSeconds or 0,
         )
 
-    async def _publish(self, tasks: Sequence[Task], version: int, delay: int) -> None:
+    async def publish(self, tasks: Sequence[Task], version: int, delay: int) -> None:
+        """Publish messages for tasks stored at `version`."""
         by_queue: dict[str, list[TaskMessage]] = defaultdict(list)
         for task in tasks:
             by_queue[task_queue(task)].append(
                 TaskMessage.for_task(task.taskId, version)
             )
         for queue, messages in by_queue.items():
-            await self._send(queue, messages, delay)
+            await self.send(queue, messages, delay)
 
-    async def _send(
+    async def send(
         self, queue: str, messages: Sequence[TaskMessage], delay: int
     ) -> None:
+        """Publish to a queue; a broker failure is logged, not raised."""
         # The task is already stored: a failed publish leaves it SCHEDULED
         # with no message, which reconciliation re-publishes. The caller's
         # request has been accepted and must not be failed for it.
@@ -425,7 +448,8 @@ class Engine:
 
     # Deciding what follows a task that ended.
 
-    async def _decide(self, task: Task) -> None:
+    async def decide(self, task: Task) -> None:
+        """Advance, retry or fail the workflow of a task that just ended."""
         workflow = await self.store.get_workflow(task.workflowInstanceId or "")
         if workflow is None or workflow.terminal:
             return
@@ -496,6 +520,12 @@ class Engine:
         await self.store.transition_task(
             task.taskId, TERMINAL_TASK_STATUSES, {"retried": True}
         )
+
+    async def fail_workflow_of(self, task: Task) -> None:
+        """Fail (or time out) the running workflow of a task that ended."""
+        workflow = await self.store.get_workflow(task.workflowInstanceId or "")
+        if workflow is not None and not workflow.terminal:
+            await self._fail_workflow(workflow, task)
 
     async def _fail_workflow(self, workflow: Workflow, task: Task) -> None:
         reason = (

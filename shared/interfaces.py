@@ -26,18 +26,31 @@ from shared.models import (
     WorkflowStatus,
 )
 
+TIMER_QUEUE = "@timers"
+"""Baton's own queue of timers; `@` cannot appear in a task type."""
+
+SWEEP_QUEUE = "@sweep"
+"""Baton's own queue of reconciliation tokens. Brokers deliver it to one
+consumer at a time (RabbitMQ's single active consumer), so replicas of
+the scheduler never reconcile at the same time."""
+
 
 class TaskMessage(msgspec.Struct, array_like=True, frozen=True):
     """What travels through a queue: a task, the version it was published
-    for, and an id unique to this publish."""
+    for, and an id unique to this publish.
+
+    A timer is a TaskMessage with a `kind`; its `version` is the
+    generation of the task state it guards (see `shared.timers`).
+    """
 
     task_id: str
     version: int
     message_id: str
+    kind: str = ""
 
     @classmethod
-    def for_task(cls, task_id: str, version: int) -> TaskMessage:
-        return cls(task_id, version, os.urandom(8).hex())
+    def for_task(cls, task_id: str, version: int, kind: str = "") -> TaskMessage:
+        return cls(task_id, version, os.urandom(8).hex(), kind)
 
 
 class VersionedTask(NamedTuple):
@@ -136,7 +149,8 @@ class Broker(ABC):
 
     @abstractmethod
     async def stats(self, queue: str) -> QueueStats:
-        """Ready messages (delayed ones excluded) and unsettled deliveries."""
+        """Ready messages (delayed ones excluded), and the deliveries this
+        process holds unsettled (brokers do not report other consumers')."""
 
 
 class Store(ABC):
@@ -249,12 +263,14 @@ class Store(ABC):
         task_id: str,
         from_statuses: Collection[str],
         patch: Mapping[str, Any],
+        expected_version: int | None = None,
     ) -> VersionedTask | None:
         """Atomically set `patch` (Task field names) if the task's status is
-        one of `from_statuses`, incrementing its version.
+        one of `from_statuses` (and its version is `expected_version`, when
+        given), incrementing its version.
 
-        Returns the task after the change, or None if it is missing or in
-        another status.
+        Returns the task after the change, or None if it is missing, in
+        another status or at another version.
         """
 
     @abstractmethod
@@ -262,6 +278,10 @@ class Store(ABC):
         self, task_type: str | None = None
     ) -> list[VersionedTask]:
         """Return SCHEDULED tasks, of one type or all; served by an index."""
+
+    @abstractmethod
+    async def in_progress_tasks(self) -> list[VersionedTask]:
+        """Return IN_PROGRESS tasks; served by an index."""
 
     # History.
 

@@ -395,6 +395,7 @@ class MongoStore(Store):
         task_id: str,
         from_statuses: Collection[str],
         patch: Mapping[str, Any],
+        expected_version: int | None = None,
     ) -> VersionedTask | None:
         to_set, to_unset = _split_patch(patch, _TASK_FIELDS)
         if to_set.get("startTime") == 0:
@@ -406,8 +407,11 @@ class MongoStore(Store):
         if to_unset:
             update["$unset"] = to_unset
         with _translated("transition_task"):
+            query: Document = {"_id": task_id, "status": {"$in": list(from_statuses)}}
+            if expected_version is not None:
+                query["_version"] = expected_version
             doc = await self._coll("tasks").find_one_and_update(
-                {"_id": task_id, "status": {"$in": list(from_statuses)}},
+                query,
                 update,
                 return_document=ReturnDocument.AFTER,
             )
@@ -416,10 +420,18 @@ class MongoStore(Store):
     async def scheduled_tasks(
         self, task_type: str | None = None
     ) -> list[VersionedTask]:
-        query: Document = {"status": "SCHEDULED"}
+        return await self._tasks_in("SCHEDULED", task_type)
+
+    async def in_progress_tasks(self) -> list[VersionedTask]:
+        return await self._tasks_in("IN_PROGRESS", None)
+
+    async def _tasks_in(
+        self, status: str, task_type: str | None
+    ) -> list[VersionedTask]:
+        query: Document = {"status": status}
         if task_type is not None:
             query["taskType"] = task_type
-        with _translated("scheduled_tasks"):
+        with _translated("tasks by status"):
             return [_versioned(doc) async for doc in self._coll("tasks").find(query)]
 
     # History.

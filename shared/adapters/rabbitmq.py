@@ -34,6 +34,7 @@ from aio_pika.exceptions import ChannelInvalidStateError, ChannelNotFoundEntity
 
 from shared.errors import BrokerError
 from shared.interfaces import (
+    SWEEP_QUEUE,
     Broker,
     Delivery,
     DeliveryCallback,
@@ -319,10 +320,13 @@ class RabbitMQBroker(Broker):
         queues = tiers + sorted(self.physical_queue(q) for q in self._declared)
         return queues, [*tiers, self._deliver_name]
 
-    def _queue_arguments(self) -> dict[str, Any] | None:
+    def _queue_arguments(self, queue: str) -> dict[str, Any] | None:
+        arguments: dict[str, Any] = {}
         if self._queue_type == "quorum":
-            return {"x-queue-type": "quorum"}
-        return None
+            arguments["x-queue-type"] = "quorum"
+        if queue == SWEEP_QUEUE:
+            arguments["x-single-active-consumer"] = True
+        return arguments or None
 
     def _deliver_binding(self, physical: str) -> str:
         # Anchored on the exact number of delay words rather than `#.`:
@@ -476,7 +480,7 @@ class RabbitMQBroker(Broker):
             amqp_queue = await channel.declare_queue(
                 physical,
                 durable=True,
-                arguments=self._queue_arguments(),
+                arguments=self._queue_arguments(queue),
                 timeout=_TIMEOUT,
             )
             await amqp_queue.bind(
@@ -561,7 +565,7 @@ class RabbitMQBroker(Broker):
         try:
             await channel.initialize(timeout=_TIMEOUT)
             self._subscriptions.setdefault(queue, set()).add(subscription)
-            await subscription.start(physical, prefetch, self._queue_arguments())
+            await subscription.start(physical, prefetch, self._queue_arguments(queue))
         except _AMQP_ERRORS as exc:
             if channel.is_initialized:
                 await subscription.close()

@@ -559,6 +559,7 @@ class SQLiteStore(Store):
         task_id: str,
         from_statuses: Collection[str],
         patch: Mapping[str, Any],
+        expected_version: int | None = None,
     ) -> VersionedTask | None:
         _check_patch(patch, _TASK_FIELDS)
         allowed = frozenset(from_statuses)
@@ -569,6 +570,8 @@ class SQLiteStore(Store):
                 "SELECT status, version, doc FROM tasks WHERE id = ?", (task_id,)
             ).fetchone()
             if row is None or row[0] not in allowed:
+                return None
+            if expected_version is not None and row[1] != expected_version:
                 return None
             task = msgspec.structs.replace(_decode_task(row[2]), **changes)
             blob = _encode(task)
@@ -595,15 +598,20 @@ class SQLiteStore(Store):
     async def scheduled_tasks(
         self, task_type: str | None = None
     ) -> list[VersionedTask]:
+        return await self._tasks_in("SCHEDULED", task_type)
+
+    async def in_progress_tasks(self) -> list[VersionedTask]:
+        return await self._tasks_in("IN_PROGRESS", None)
+
+    async def _tasks_in(
+        self, status: str, task_type: str | None
+    ) -> list[VersionedTask]:
         if task_type is None:
-            sql = "SELECT doc, version FROM tasks WHERE status = 'SCHEDULED'"
-            params: tuple[Any, ...] = ()
+            sql = "SELECT doc, version FROM tasks WHERE status = ?"
+            params: tuple[Any, ...] = (status,)
         else:
-            sql = (
-                "SELECT doc, version FROM tasks "
-                "WHERE status = 'SCHEDULED' AND task_type = ?"
-            )
-            params = (task_type,)
+            sql = "SELECT doc, version FROM tasks WHERE status = ? AND task_type = ?"
+            params = (status, task_type)
         rows = await self._call(lambda conn: conn.execute(sql, params).fetchall())
         return [VersionedTask(_decode_task(doc), version) for doc, version in rows]
 

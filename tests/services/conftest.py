@@ -20,12 +20,17 @@ class Baton:
     """A thin HTTP client for one running gateway."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, url: str, runtime: Runtime
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        runtime: Runtime,
+        scheduler: Scheduler,
     ) -> None:
         self.session = session
         self.url = url
         self.api = f"{url}/api"
         self.runtime = runtime
+        self.scheduler = scheduler
 
     async def request(
         self, method: str, path: str, *, json: Any = None, **kwargs: Any
@@ -164,11 +169,13 @@ async def baton(settings: Settings) -> AsyncIterator[Baton]:
     """A started gateway (with its background service) on a real socket."""
     runtime = Runtime(settings)
     await runtime.start()
-    await Scheduler(runtime).start()
+    scheduler = Scheduler(runtime)
+    await scheduler.start()
     server = TestServer(build_app(runtime), host="127.0.0.1")
     await server.start_server()
     url = str(server.make_url("")).rstrip("/")
     async with aiohttp.ClientSession() as session:
-        yield Baton(session, url, runtime)
+        yield Baton(session, url, runtime, scheduler)
     await server.close()
+    await scheduler.stop()
     await runtime.stop()

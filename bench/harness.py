@@ -1,0 +1,176 @@
+"""One scenario's gateway and child processes, set up and torn down together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import queue
+import time
+from collections.abc import Callable
+from enum import IntEnum
+from multiprocessing.context import SpawnProcess
+from multiprocessing.queues import Queue
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import psutil
+
+from bench.client import TASK_TYPE, BatonClient, task_def, workflow_def
+from bench.counters import Counters
+from bench.gateway import Gateway, delete_broker_names, drop_mongo_database
+from bench.monitor import CpuMeter, find_rabbitmq
+from bench.options import Options
+
+_CTX = multiprocessing.get_context("spawn")
+_JOIN_TIMEOUT_S = 10.0
+STOP_SLOT = 0
+
+
+class BenchError(Exception):
+    """A scenario could not run to the end."""
+
+
+class WaitTimeout(BenchError):
+    """Something the bench waited for did not happen in time."""
+
+
+class Harness:
+    """A fresh gateway (own queues, own store) and the scenario's children.
+
+    Use as an async context manager: on exit, by success, failure or
+    Ctrl-C, the children and the gateway are stopped and the gateway's
+    queues, exchanges and MongoDB database are deleted.
+    """
+
+    def __init__(self, options: Options, scenario: str, workdir: Path) -> None:
+        self.options = options
+        self.prefix = f"bench-{os.getpid()}-{scenario}"
+        self._database = self.prefix.replace("-", "_")
+        self.gateway = Gateway(
+            options.amqp_url, self.prefix, self._store_env(workdir), workdir
+        )
+        self._children: list[tuple[SpawnProcess, Counters]] = []
+
+    def _store_env(self, workdir: Path) -> dict[str, str]:
+        if self.options.mongodb_url:
+            return {
+                "MONGODB_URL": self.options.mongodb_url,
+                "BATON_MONGODB_DATABASE": self._database,
+            }
+        return {"BATON_SQLITE_PATH": str(workdir / f"{self.prefix}.db")}
+
+    async def __aenter__(self) -> Harness:
+        try:
+            self.gateway.launch()
+            await self.gateway.wait_ready()
+            async with BatonClient(self.gateway.base_url, connections=1) as client:
+                await client.register(task_def(), workflow_def())
+        except BaseException:
+            await self._tear_down()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._tear_down()
+
+    async def _tear_down(self) -> None:
+        self._stop_children()
+        queues = [TASK_TYPE, *await self.gateway.queue_names()]
+        self.gateway.stop()
+        await delete_broker_names(self.options.amqp_url, self.prefix, queues)
+        if self.options.mongodb_url:
+            await asyncio.to_thread(
+                drop_mongo_database, self.options.mongodb_url, self._database
+            )
+
+    # Children.
+
+    @staticmethod
+    def counters(slots: type[IntEnum]) -> Counters:
+        """Counters to share with a child."""
+        return Counters(_CTX, slots)
+
+    @staticmethod
+    def queue() -> Queue[Any]:
+        """A queue for a child's final results."""
+        return _CTX.Queue()
+
+    def spawn(
+        self, target: Callable[..., None], counters: Counters, *args: object
+    ) -> SpawnProcess:
+        """Start `target(counters, *args)` in a fresh interpreter.
+
+        Slot 0 of `counters` is the child's STOP flag.
+        """
+        child = _CTX.Process(target=target, args=(counters, *args), daemon=True)
+        child.start()
+        self._children.append((child, counters))
+        return child
+
+    def _stop_children(self) -> None:
+        for _, counters in self._children:
+            counters.set(STOP_SLOT, 1)
+        for child, _ in self._children:
+            child.join(_JOIN_TIMEOUT_S)
+            if child.is_alive():
+                child.terminate()
+                child.join(_JOIN_TIMEOUT_S)
+            if child.is_alive():
+                child.kill()
+                child.join()
+        self._children.clear()
+
+    async def wait_for(
+        self, condition: Callable[[], bool], timeout: float, what: str
+    ) -> float:
+        """Wait until `condition()` holds; return the seconds it took.
+
+        Raises WaitTimeout when it does not hold within `timeout`, and
+        BenchError or GatewayError when a child or the gateway dies.
+        """
+        began = time.monotonic()
+        while not condition():
+            self.check_alive()
+            if time.monotonic() - began > timeout:
+                raise WaitTimeout(f"timed out after {timeout:.0f} s waiting for {what}")
+            await asyncio.sleep(0.02)
+        return time.monotonic() - began
+
+    def check_alive(self) -> None:
+        """Raise if the gateway or a child process died."""
+        self.gateway.check_alive()
+        for child, _ in self._children:
+            if child.exitcode not in (None, 0):
+                raise BenchError(f"{child.name} exited with {child.exitcode}")
+
+    async def receive(self, results: Queue[Any], timeout: float) -> Any:
+        """The one result a child puts on `results` before it exits."""
+        began = time.monotonic()
+        while True:
+            with contextlib.suppress(queue.Empty):
+                return results.get_nowait()
+            self.check_alive()
+            if time.monotonic() - began > timeout:
+                raise WaitTimeout("a child process sent no result in time")
+            await asyncio.sleep(0.05)
+
+    def cpu_meter(self, children: dict[str, SpawnProcess]) -> CpuMeter:
+        """CPU clocks of the gateway, RabbitMQ and the given children."""
+        watched: dict[str, psutil.Process] = {
+            "gateway": psutil.Process(self.gateway.pid)
+        }
+        rabbitmq = find_rabbitmq()
+        if rabbitmq is not None:
+            watched["rabbitmq"] = rabbitmq
+        for name, child in children.items():
+            if child.pid is not None:
+                watched[name] = psutil.Process(child.pid)
+        return CpuMeter(watched)

@@ -1,0 +1,220 @@
+"""Deferred actions as messages: timeouts that come back through the broker.
+
+Every timer is a `TaskMessage` on `TIMER_QUEUE`, published with the delay
+it waits, so it survives the restart of the process that armed it. A
+timer names the task state it guards; when it fires for a task that has
+moved on, it does nothing:
+
+- `response`: armed at each hand-out, guards `pollCount`. An update since
+  (`extendLease` included) moved `updateTime`, so the timer re-arms itself
+  for the time left; with no update for `responseTimeoutSeconds` the task
+  is TIMED_OUT and retried per its definition.
+- `timeout`: armed at the first hand-out when `timeoutSeconds` > 0, guards
+  `startTime`; applies the definition's `timeoutPolicy`.
+- `poll`: armed at scheduling when `pollTimeoutSeconds` is set; fires
+  while the task is still SCHEDULED and applies `timeoutPolicy`.
+- `ack`: armed at each hand-out when an ack deadline applies, guards the
+  store version: an ack or any update moves it. Otherwise the task goes
+  back to its queue with the same id.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from shared.clock import now_ms
+from shared.interfaces import TIMER_QUEUE, TaskMessage
+from shared.models import PENDING_TASK_STATUSES, Task, TaskDef
+
+if TYPE_CHECKING:
+    from shared.engine import Engine
+
+log = logging.getLogger(__name__)
+
+RESPONSE = "response"
+TIMEOUT = "timeout"
+POLL = "poll"
+ACK = "ack"
+
+
+def _seconds_until(due_ms: int, now: int) -> int:
+    return max(1, -(-(due_ms - now) // 1000))
+
+
+def task_def_of(task: Task) -> TaskDef:
+    """The definition a task was scheduled with (embedded in the task)."""
+    step = task.workflowTask
+    if step and step.taskDefinition is not None:
+        return step.taskDefinition
+    return TaskDef(name=task.taskType)
+
+
+class Timers:
+    """Arms and fires the timers of an engine's tasks."""
+
+    def __init__(self, engine: Engine, ack_timeout_seconds: int = 0) -> None:
+        self._engine = engine
+        self._ack_timeout = ack_timeout_seconds
+
+    # Arming.
+
+    async def arm_handed_out(
+        self, tasks: Sequence[Task], versions: dict[str, int]
+    ) -> None:
+        """Arm the timers of tasks just handed out; `versions` are their
+        store versions after the claim."""
+        armed: dict[tuple[str, int], list[TaskMessage]] = defaultdict(list)
+        for task in tasks:
+            definition = task_def_of(task)
+            armed[(RESPONSE, task.responseTimeoutSeconds)].append(
+                TaskMessage.for_task(task.taskId, task.pollCount, RESPONSE)
+            )
+            if definition.timeoutSeconds > 0 and task.pollCount == 1:
+                armed[(TIMEOUT, definition.timeoutSeconds)].append(
+                    TaskMessage.for_task(task.taskId, task.startTime, TIMEOUT)
+                )
+            ack_after = self._ack_deadline(definition)
+            if ack_after > 0:
+                armed[(ACK, ack_after)].append(
+                    TaskMessage.for_task(task.taskId, versions[task.taskId], ACK)
+                )
+        await self._send(armed)
+
+    async def arm_scheduled(self, tasks: Iterable[Task]) -> None:
+        """Arm the poll timeout of tasks just scheduled, where one applies."""
+        armed: dict[tuple[str, int], list[TaskMessage]] = defaultdict(list)
+        for task in tasks:
+            poll_timeout = task_def_of(task).pollTimeoutSeconds
+            if poll_timeout:
+                delay = poll_timeout + task.startDelayInSeconds
+                armed[(POLL, delay)].append(TaskMessage.for_task(task.taskId, 0, POLL))
+        await self._send(armed)
+
+    def _ack_deadline(self, definition: TaskDef) -> int:
+        if definition.ackTimeoutSeconds is not None:
+            return definition.ackTimeoutSeconds
+        return self._ack_timeout
+
+    async def _send(self, armed: dict[tuple[str, int], list[TaskMessage]]) -> None:
+        for (_, delay), messages in armed.items():
+            await self._engine.send(TIMER_QUEUE, messages, max(1, delay))
+
+    async def _rearm(self, message: TaskMessage, seconds: int) -> None:
+        fresh = TaskMessage.for_task(message.task_id, message.version, message.kind)
+        await self._engine.send(TIMER_QUEUE, [fresh], seconds)
+
+    # Firing.
+
+    async def fire(self, message: TaskMessage) -> None:
+        """Handle a timer that came back; stale ones do nothing."""
+        found = await self._engine.store.get_task(message.task_id)
+        if found is None:
+            return
+        task, version = found
+        now = now_ms()
+        if message.kind == RESPONSE:
+            await self._response(message, task, version, now)
+        elif message.kind == TIMEOUT:
+            await self._timeout(message, task, version, now)
+        elif message.kind == POLL:
+            await self._poll(message, task, version, now)
+        elif message.kind == ACK:
+            await self._ack(message, task, version, now)
+        else:
+            log.warning("unknown timer kind %r dropped", message.kind)
+
+    async def _response(
+        self, message: TaskMessage, task: Task, version: int, now: int
+    ) -> None:
+        if task.status != "IN_PROGRESS" or task.pollCount != message.version:
+            return
+        due = (
+            task.updateTime
+            + (task.responseTimeoutSeconds + task.callbackAfterSeconds) * 1000
+        )
+        if now < due:
+            await self._rearm(message, _seconds_until(due, now))
+            return
+        reason = (
+            f"responseTimeoutSeconds: {task.responseTimeoutSeconds} exceeded "
+            "without an update from the worker"
+        )
+        await self._time_out(task, version, reason, now, retry=True)
+
+    async def _timeout(
+        self, message: TaskMessage, task: Task, version: int, now: int
+    ) -> None:
+        if task.terminal or task.startTime != message.version:
+            return
+        limit = task_def_of(task).timeoutSeconds
+        due = task.startTime + limit * 1000
+        if now < due:
+            await self._rearm(message, _seconds_until(due, now))
+            return
+        reason = f"Task timed out after {limit} seconds (timeoutSeconds: {limit})"
+        await self._apply_policy(task, version, reason, now)
+
+    async def _poll(
+        self, message: TaskMessage, task: Task, version: int, now: int
+    ) -> None:
+        if task.status != "SCHEDULED":
+            return
+        limit = task_def_of(task).pollTimeoutSeconds or 0
+        due = (
+            task.scheduledTime
+            + (task.startDelayInSeconds + limit + task.callbackAfterSeconds) * 1000
+        )
+        if now < due:
+            await self._rearm(message, _seconds_until(due, now))
+            return
+        reason = f"Task was not polled within pollTimeoutSeconds: {limit}"
+        await self._apply_policy(task, version, reason, now)
+
+    async def _ack(
+        self, message: TaskMessage, task: Task, version: int, now: int
+    ) -> None:
+        if task.status != "IN_PROGRESS" or version != message.version:
+            return
+        back = await self._engine.store.transition_task(
+            task.taskId,
+            ("IN_PROGRESS",),
+            {"status": "SCHEDULED", "updateTime": now},
+            expected_version=version,
+        )
+        if back is not None:
+            log.info("task %s not acked in time, returned to its queue", task.taskId)
+            await self._engine.publish([back.task], back.version, 0)
+
+    # Outcomes.
+
+    async def _apply_policy(
+        self, task: Task, version: int, reason: str, now: int
+    ) -> None:
+        policy = task_def_of(task).timeoutPolicy
+        if policy == "ALERT_ONLY":
+            log.warning("task %s: %s (ALERT_ONLY)", task.taskId, reason)
+            return
+        await self._time_out(task, version, reason, now, retry=policy == "RETRY")
+
+    async def _time_out(
+        self, task: Task, version: int, reason: str, now: int, *, retry: bool
+    ) -> None:
+        patch: dict[str, Any] = {
+            "status": "TIMED_OUT",
+            "reasonForIncompletion": reason,
+            "endTime": now,
+            "updateTime": now,
+        }
+        timed_out = await self._engine.store.transition_task(
+            task.taskId, PENDING_TASK_STATUSES, patch, expected_version=version
+        )
+        if timed_out is None:
+            return
+        log.info("task %s timed out: %s", task.taskId, reason)
+        if retry:
+            await self._engine.decide(timed_out.task)
+        else:
+            await self._engine.fail_workflow_of(timed_out.task)
