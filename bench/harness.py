@@ -26,6 +26,7 @@ from bench.options import Options
 
 _CTX = multiprocessing.get_context("spawn")
 _JOIN_TIMEOUT_S = 10.0
+READY_TIMEOUT_S = 30.0
 STOP_SLOT = 0
 
 
@@ -53,6 +54,7 @@ class Harness:
             options.amqp_url, self.prefix, self._store_env(workdir), workdir
         )
         self._children: list[tuple[SpawnProcess, Counters]] = []
+        self._queues: list[Queue[Any]] = []
 
     def _store_env(self, workdir: Path) -> dict[str, str]:
         if self.options.mongodb_url:
@@ -82,7 +84,7 @@ class Harness:
         await self._tear_down()
 
     async def _tear_down(self) -> None:
-        self._stop_children()
+        await self._stop_children()
         queues = [TASK_TYPE, *await self.gateway.queue_names()]
         self.gateway.stop()
         await delete_broker_names(self.options.amqp_url, self.prefix, queues)
@@ -98,10 +100,11 @@ class Harness:
         """Counters to share with a child."""
         return Counters(_CTX, slots)
 
-    @staticmethod
-    def queue() -> Queue[Any]:
+    def queue(self) -> Queue[Any]:
         """A queue for a child's final results."""
-        return _CTX.Queue()
+        results: Queue[Any] = _CTX.Queue()
+        self._queues.append(results)
+        return results
 
     def spawn(
         self, target: Callable[..., None], counters: Counters, *args: object
@@ -115,11 +118,19 @@ class Harness:
         self._children.append((child, counters))
         return child
 
-    def _stop_children(self) -> None:
+    async def _stop_children(self) -> None:
+        """Stop every child: by its STOP flag, else by signal.
+
+        A child exits only once what it put on a queue has been read, so
+        unread results are drained and dropped meanwhile.
+        """
         for _, counters in self._children:
             counters.set(STOP_SLOT, 1)
+        deadline = time.monotonic() + _JOIN_TIMEOUT_S
+        while time.monotonic() < deadline and self._children_alive():
+            self._drain_queues()
+            await asyncio.sleep(0.05)
         for child, _ in self._children:
-            child.join(_JOIN_TIMEOUT_S)
             if child.is_alive():
                 child.terminate()
                 child.join(_JOIN_TIMEOUT_S)
@@ -127,6 +138,18 @@ class Harness:
                 child.kill()
                 child.join()
         self._children.clear()
+        for results in self._queues:
+            results.close()
+        self._queues.clear()
+
+    def _children_alive(self) -> bool:
+        return any(child.is_alive() for child, _ in self._children)
+
+    def _drain_queues(self) -> None:
+        for results in self._queues:
+            with contextlib.suppress(queue.Empty, OSError, EOFError):
+                while True:
+                    results.get_nowait()
 
     async def wait_for(
         self, condition: Callable[[], bool], timeout: float, what: str
@@ -143,6 +166,10 @@ class Harness:
                 raise WaitTimeout(f"timed out after {timeout:.0f} s waiting for {what}")
             await asyncio.sleep(0.02)
         return time.monotonic() - began
+
+    async def wait_ready(self, counters: Counters, slot: int, what: str) -> None:
+        """Wait until a child sets its READY counter."""
+        await self.wait_for(lambda: counters.get(slot) > 0, READY_TIMEOUT_S, what)
 
     def check_alive(self) -> None:
         """Raise if the gateway or a child process died."""

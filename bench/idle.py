@@ -10,6 +10,7 @@ CPU from its clock, and its established TCP connections.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -17,7 +18,7 @@ import psutil
 from bench.client import TASK_TYPE
 from bench.counters import Idle
 from bench.harness import Harness
-from bench.monitor import MIB, CpuMeter
+from bench.monitor import MIB, CpuMark, CpuMeter
 from bench.options import Options
 from bench.pollers import IdleSpec, run_idle_client
 from bench.report import Section
@@ -33,99 +34,87 @@ async def run_idle(options: Options, workdir: Path) -> Section:
         return await _IdleRun(harness).execute()
 
 
+@dataclass(slots=True)
+class _Window:
+    """What was seen while the polls were held."""
+
+    first: CpuMark
+    last: CpuMark
+    before: list[int]
+    after: list[int]
+    baseline_rss: int
+    peak_rss: int
+    opened_in: float
+    open_min: int
+    open_mean: float
+    connections: int
+    failures: list[str] = field(default_factory=list)
+
+
 class _IdleRun:
     def __init__(self, harness: Harness) -> None:
         self._harness = harness
         self._options = harness.options
         self._counters = harness.counters(Idle)
-        self._open_min = self._options.idle_polls
-        self._open_sum = 0
-        self._samples = 0
-        self._connections = 0
 
     async def execute(self) -> Section:
-        harness, options = self._harness, self._options
+        harness = self._harness
         monitor = harness.gateway.monitor
         await asyncio.sleep(0.5)
         baseline = monitor.rss if monitor else 0
 
-        spec = IdleSpec(
-            harness.gateway.base_url, TASK_TYPE, options.idle_polls, LONG_POLL_MS
-        )
         results = harness.queue()
-        client = harness.spawn(run_idle_client, self._counters, spec, results)
+        client = harness.spawn(run_idle_client, self._counters, self._spec(), results)
         opened_in = await harness.wait_for(
-            lambda: self._counters.get(Idle.OPEN) >= options.idle_polls,
+            lambda: self._counters.get(Idle.OPEN) >= self._options.idle_polls,
             _OPEN_TIMEOUT_S,
-            f"{options.idle_polls} polls to open",
+            f"{self._options.idle_polls} polls to open",
         )
-
         meter = harness.cpu_meter({"client": client})
         if monitor:
             monitor.reset_peak()
-        first, counts_before = meter.mark(), self._counters.snapshot()
-        await self._watch(options.idle_seconds)
-        last, counts_after = meter.mark(), self._counters.snapshot()
-        peak = monitor.peak_rss if monitor else 0
+        window = await self._watch(meter, baseline, opened_in)
+        window.peak_rss = monitor.peak_rss if monitor else 0
+
         self._counters.set(Idle.STOP, 1)
-        failures: list[str] = await harness.receive(results, _OPEN_TIMEOUT_S)
+        window.failures = await harness.receive(results, _OPEN_TIMEOUT_S)
+        return self._section(window)
 
-        section = Section(
-            "idle",
-            f"Idle long polls: {options.idle_polls:,} on one task type, "
-            f"timeout {LONG_POLL_MS} ms, re-polled when empty",
+    def _spec(self) -> IdleSpec:
+        return IdleSpec(
+            self._harness.gateway.base_url,
+            TASK_TYPE,
+            self._options.idle_polls,
+            LONG_POLL_MS,
         )
-        seconds = last.at - first.at
-        cpu = CpuMeter.percent(first, last)
-        returned = counts_after[Idle.RETURNED] - counts_before[Idle.RETURNED]
-        add = section.add
-        add("polls", "long polls requested", options.idle_polls)
-        add("open_seconds", "time to open them all", opened_in, "s")
-        add("measured_seconds", "held for", seconds, "s")
-        add("open_min", "polls open (client side), minimum", self._open_min)
-        add("open_mean", "polls open (client side), mean", self._open_mean())
-        add("gateway_connections", "gateway TCP connections", self._connections)
-        add("returned_per_s", "empty polls answered", returned / seconds, "/s")
-        add("tasks", "tasks received (expected 0)", counts_after[Idle.TASKS])
-        add("errors", "failed polls", counts_after[Idle.ERRORS])
-        add(
-            "gateway_baseline_rss_mib",
-            "gateway RSS before polls",
-            baseline / MIB,
-            "MiB",
-        )
-        add("gateway_peak_rss_mib", "gateway peak RSS while held", peak / MIB, "MiB")
-        add(
-            "rss_per_poll_kib",
-            "RSS per open poll",
-            (peak - baseline) / 1024 / options.idle_polls,
-            "KiB",
-        )
-        add("cpu_gateway_pct", "CPU gateway (100 = one core)", cpu.get("gateway"), "%")
-        add(
-            "cpu_client_pct", "CPU poll client (100 = one core)", cpu.get("client"), "%"
-        )
-        add("cpu_machine_pct", "CPU machine (100 = all cores)", cpu["machine"], "%")
-        if failures:
-            section.details["failures"] = failures
-        return section
 
-    async def _watch(self, seconds: float) -> None:
+    async def _watch(self, meter: CpuMeter, baseline: int, opened_in: float) -> _Window:
+        """Sample the open polls for `--idle-seconds`; count the gateway's
+        connections half way through."""
         loop = asyncio.get_running_loop()
-        until = loop.time() + seconds
-        middle = loop.time() + seconds / 2
+        first, before = meter.mark(), self._counters.snapshot()
+        until = loop.time() + self._options.idle_seconds
+        middle = loop.time() + self._options.idle_seconds / 2
+        samples: list[int] = []
+        connections = 0
         while loop.time() < until:
             self._harness.check_alive()
-            opened = self._counters.get(Idle.OPEN)
-            self._open_min = min(self._open_min, opened)
-            self._open_sum += opened
-            self._samples += 1
-            if not self._connections and loop.time() >= middle:
-                self._connections = self._count_connections()
+            samples.append(self._counters.get(Idle.OPEN))
+            if not connections and loop.time() >= middle:
+                connections = self._count_connections()
             await asyncio.sleep(_SAMPLE_S)
-
-    def _open_mean(self) -> float:
-        return self._open_sum / self._samples if self._samples else 0.0
+        return _Window(
+            first=first,
+            last=meter.mark(),
+            before=before,
+            after=self._counters.snapshot(),
+            baseline_rss=baseline,
+            peak_rss=0,
+            opened_in=opened_in,
+            open_min=min(samples, default=0),
+            open_mean=sum(samples) / len(samples) if samples else 0.0,
+            connections=connections,
+        )
 
     def _count_connections(self) -> int:
         try:
@@ -134,3 +123,47 @@ class _IdleRun:
         except psutil.Error:
             return 0
         return sum(1 for c in connections if c.status == psutil.CONN_ESTABLISHED)
+
+    def _section(self, window: _Window) -> Section:
+        polls = self._options.idle_polls
+        section = Section(
+            "idle",
+            f"Idle long polls: {polls:,} on one task type, "
+            f"timeout {LONG_POLL_MS} ms, re-polled when empty",
+        )
+        seconds = window.last.at - window.first.at
+        returned = window.after[Idle.RETURNED] - window.before[Idle.RETURNED]
+        grown = (window.peak_rss - window.baseline_rss) / 1024 / polls
+
+        add = section.add
+        add("polls", "long polls requested", polls)
+        add("open_seconds", "time to open them all", window.opened_in, "s")
+        add("measured_seconds", "held for", seconds, "s")
+        add("open_min", "polls open (client side), minimum", window.open_min)
+        add("open_mean", "polls open (client side), mean", window.open_mean)
+        add("gateway_connections", "gateway TCP connections", window.connections)
+        add("returned_per_s", "empty polls answered", returned / seconds, "/s")
+        add("tasks", "tasks received (expected 0)", window.after[Idle.TASKS])
+        add("errors", "failed polls", window.after[Idle.ERRORS])
+        baseline = window.baseline_rss / MIB
+        add("gateway_baseline_rss_mib", "gateway RSS before polls", baseline, "MiB")
+        peak = window.peak_rss / MIB
+        add("gateway_peak_rss_mib", "gateway peak RSS while held", peak, "MiB")
+        add("rss_per_poll_kib", "RSS per open poll", grown, "KiB")
+        self._add_cpu(section, CpuMeter.percent(window.first, window.last))
+        if window.failures:
+            section.details["failures"] = window.failures
+        return section
+
+    @staticmethod
+    def _add_cpu(section: Section, cpu: dict[str, float]) -> None:
+        for name, label in (
+            ("gateway", "gateway"),
+            ("client", "poll client"),
+            ("rabbitmq", "rabbitmq"),
+        ):
+            add_label = f"CPU {label} (100 = one core)"
+            section.add(f"cpu_{name}_pct", add_label, cpu.get(name), "%")
+        section.add(
+            "cpu_machine_pct", "CPU machine (100 = all cores)", cpu["machine"], "%"
+        )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.client import TASK_TYPE, WORKFLOW_NAME
 from bench.counters import Start, Work
-from bench.harness import Harness
+from bench.harness import READY_TIMEOUT_S, Harness
 from bench.monitor import CpuMeter
 from bench.options import Options
 from bench.report import Section
@@ -24,7 +24,6 @@ from bench.starter import StarterSpec, run_starter
 from bench.workers import STOP_GRACE_S, WorkerReport, WorkerSpec, run_workers
 
 LONG_POLL_MS = 5000
-_READY_TIMEOUT_S = 30.0
 _START_CONCURRENCY = 8
 
 
@@ -48,14 +47,10 @@ async def run_latency(options: Options, workdir: Path) -> Section:
     return section
 
 
-async def _measure(
-    harness: Harness, total: int
-) -> tuple[WorkerReport, dict[str, float]]:
+def _specs(harness: Harness, total: int) -> tuple[WorkerSpec, StarterSpec]:
     options = harness.options
     base_url = harness.gateway.base_url
-    work, start = harness.counters(Work), harness.counters(Start)
-    work_results, start_results = harness.queue(), harness.queue()
-    worker_spec = WorkerSpec(
+    workers = WorkerSpec(
         base_url=base_url,
         task_type=TASK_TYPE,
         workers=options.latency_workers,
@@ -64,38 +59,44 @@ async def _measure(
         chain=False,
         record_latency=True,
     )
-    starter_spec = StarterSpec(
+    starter = StarterSpec(
         base_url=base_url,
         workflow=WORKFLOW_NAME,
         concurrency=_START_CONCURRENCY,
         rate=options.latency_rate,
         total=total,
     )
+    return workers, starter
 
+
+async def _measure(
+    harness: Harness, total: int
+) -> tuple[WorkerReport, dict[str, float]]:
+    """Start `total` workflows at the paced rate and let the workers take
+    them; return the workers' report and the CPU use meanwhile."""
+    worker_spec, starter_spec = _specs(harness, total)
+    work, start = harness.counters(Work), harness.counters(Start)
+    work_results, start_results = harness.queue(), harness.queue()
     workers = harness.spawn(run_workers, work, worker_spec, work_results)
-    await harness.wait_for(
-        lambda: work.get(Work.READY) > 0, _READY_TIMEOUT_S, "workers"
-    )
+    await harness.wait_ready(work, Work.READY, "workers")
     starter = harness.spawn(run_starter, start, starter_spec, work, start_results)
     meter = harness.cpu_meter({"workers": workers, "starter": starter})
     first = meter.mark()
-    await harness.wait_for(
-        lambda: start.get(Start.DONE) > 0,
-        total / options.latency_rate + _READY_TIMEOUT_S,
-        "the starter to finish",
-    )
-    await harness.receive(start_results, _READY_TIMEOUT_S)
+
+    pacing = total / starter_spec.rate + READY_TIMEOUT_S
+    await harness.wait_for(lambda: start.get(Start.DONE) > 0, pacing, "the starter")
+    await harness.receive(start_results, READY_TIMEOUT_S)
     started = start.get(Start.STARTED)
     await harness.wait_for(
         lambda: work.get(Work.COMPLETED) >= started,
-        options.drain_timeout,
+        harness.options.drain_timeout,
         "the workers to finish",
     )
     last = meter.mark()
 
     work.set(Work.STOP, 1)
     report: WorkerReport = await harness.receive(
-        work_results, STOP_GRACE_S + _READY_TIMEOUT_S
+        work_results, STOP_GRACE_S + READY_TIMEOUT_S
     )
     return report, CpuMeter.percent(first, last)
 

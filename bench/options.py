@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 SCENARIOS = ("throughput", "callback", "latency", "idle")
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -41,6 +42,22 @@ class Options:
     def store(self) -> str:
         """The store the gateway runs on."""
         return "mongodb" if self.mongodb_url else "sqlite"
+
+
+def _host(address: str) -> str:
+    """`host` of `host:port`, `[v6]:port` or a bare host."""
+    if address.startswith("["):
+        return address[1:].partition("]")[0]
+    return address.partition(":")[0]
+
+
+def _loopback_only(url: str) -> bool:
+    """True when every host of `url` (MongoDB URLs may list several) is local."""
+    netloc = urlsplit(url).netloc.rpartition("@")[2]
+    hosts = [_host(address).lower() for address in netloc.split(",") if address]
+    return bool(hosts) and all(
+        h in ("localhost", "::1") or h.startswith("127.") for h in hosts
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +97,11 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         parser.error("--seconds and --latency-rate must be positive")
     if not 0 <= args.callback_ratio <= 1:
         parser.error("--callback-ratio must be between 0 and 1")
+    amqp_url = os.environ.get("AMQP_URL") or DEFAULT_AMQP_URL
+    mongodb_url = os.environ.get("MONGODB_URL") or None
+    for name, url in (("AMQP_URL", amqp_url), ("MONGODB_URL", mongodb_url)):
+        if url and not _loopback_only(url):
+            parser.error(f"{name} must point at this machine (127.0.0.1)")
     scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
     return Options(
         scenarios=scenarios,
@@ -98,8 +120,8 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         idle_seconds=args.idle_seconds,
         verify=max(0, args.verify),
         drain_timeout=args.drain_timeout,
-        amqp_url=os.environ.get("AMQP_URL") or DEFAULT_AMQP_URL,
-        mongodb_url=os.environ.get("MONGODB_URL") or None,
+        amqp_url=amqp_url,
+        mongodb_url=mongodb_url,
         json_path=args.json,
         profile_path=args.profile,
     )

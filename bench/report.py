@@ -34,8 +34,11 @@ class Section:
         self.figures.append(Figure(key, label, value, unit))
 
     def as_json(self) -> dict[str, Any]:
-        """Figures by key, plus the details."""
-        body: dict[str, Any] = {f.key: f.value for f in self.figures}
+        """Figures by key (floats to 3 decimals), plus the details."""
+        body: dict[str, Any] = {
+            f.key: round(f.value, 3) if isinstance(f.value, float) else f.value
+            for f in self.figures
+        }
         body.update(self.details)
         return body
 

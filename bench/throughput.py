@@ -26,7 +26,6 @@ from bench.report import Section
 from bench.starter import StarterSpec, StartReport, run_starter
 from bench.workers import STOP_GRACE_S, WorkerReport, WorkerSpec, run_workers
 
-_READY_TIMEOUT_S = 30.0
 _VERIFY_CONCURRENCY = 16
 _ALWAYS_VERIFY_LAST = 50
 
@@ -80,29 +79,11 @@ class _LoadRun:
         self._start_results = harness.queue()
 
     async def execute(self) -> Section:
-        harness, options = self._harness, self._options
-        workers = harness.spawn(
-            run_workers, self._work, self._worker_spec(), self._work_results
-        )
-        await harness.wait_for(
-            lambda: self._work.get(Work.READY) > 0, _READY_TIMEOUT_S, "workers"
-        )
-        starter = harness.spawn(
-            run_starter,
-            self._start,
-            self._starter_spec(),
-            self._work,
-            self._start_results,
-        )
-        await harness.wait_for(
-            lambda: self._start.get(Start.READY) > 0, _READY_TIMEOUT_S, "starter"
-        )
-        meter = harness.cpu_meter({"workers": workers, "starter": starter})
-
-        await self._sleep(options.warmup)
+        meter = await self._spawn_children()
+        await self._sleep(self._options.warmup)
         first = self._mark(meter)
         profiler = self._start_profile()
-        await self._sleep(options.seconds)
+        await self._sleep(self._options.seconds)
         last = self._mark(meter)
 
         report = await self._stop_starter()
@@ -116,6 +97,23 @@ class _LoadRun:
         return section
 
     # Set-up.
+
+    async def _spawn_children(self) -> CpuMeter:
+        """Start the workers, then the starter; meter both and the servers."""
+        harness = self._harness
+        workers = harness.spawn(
+            run_workers, self._work, self._worker_spec(), self._work_results
+        )
+        await harness.wait_ready(self._work, Work.READY, "workers")
+        starter = harness.spawn(
+            run_starter,
+            self._start,
+            self._starter_spec(),
+            self._work,
+            self._start_results,
+        )
+        await harness.wait_ready(self._start, Start.READY, "starter")
+        return harness.cpu_meter({"workers": workers, "starter": starter})
 
     def _worker_spec(self) -> WorkerSpec:
         options = self._options
@@ -217,63 +215,63 @@ class _LoadRun:
     # Figures.
 
     def _section(self, first: _Mark, last: _Mark, cpu: dict[str, float]) -> Section:
+        name = "callback" if self._callback else "throughput"
+        section = Section(name, self._title())
+        executions = self._add_rates(section, first, last)
+        self._add_resources(section, cpu, executions)
+        return section
+
+    def _title(self) -> str:
+        if not self._callback:
+            return "Throughput: one-task workflows, every task completed at once"
+        return (
+            f"Callback: {self._options.callback_ratio:.0%} of first updates "
+            "IN_PROGRESS, callbackAfterSeconds 1"
+        )
+
+    def _add_rates(self, section: Section, first: _Mark, last: _Mark) -> float:
+        """Add the rates measured between two marks; return executions/s."""
         seconds = last.cpu.at - first.cpu.at
+        work = [b - a for a, b in zip(first.work, last.work, strict=True)]
+        started = last.start[Start.STARTED] - first.start[Start.STARTED]
+        executions = (work[Work.COMPLETED] + work[Work.IN_PROGRESS]) / seconds
+        handed_out = work[Work.CHAINED] + work[Work.POLLED]
 
-        def rate(work_slot: int) -> float:
-            return (last.work[work_slot] - first.work[work_slot]) / seconds
-
-        started = (last.start[Start.STARTED] - first.start[Start.STARTED]) / seconds
-        polls = last.work[Work.POLLS] - first.work[Work.POLLS]
-        empty = last.work[Work.EMPTY_POLLS] - first.work[Work.EMPTY_POLLS]
-        polled = last.work[Work.POLLED] - first.work[Work.POLLED]
-        chained = last.work[Work.CHAINED] - first.work[Work.CHAINED]
-        executions = rate(Work.COMPLETED) + rate(Work.IN_PROGRESS)
-        errors = last.work[Work.ERRORS] + last.start[Start.ERRORS]
-        monitor = self._harness.gateway.monitor
-        peak = monitor.peak_rss / MIB if monitor else 0.0
-
-        if self._callback:
-            title = (
-                f"Callback: {self._options.callback_ratio:.0%} of first updates "
-                "IN_PROGRESS, callbackAfterSeconds 1"
-            )
-        else:
-            title = "Throughput: one-task workflows, every task completed at once"
-        section = Section("callback" if self._callback else "throughput", title)
         add = section.add
         add("measured_seconds", "measured for", seconds, "s")
-        add("workflows_started_per_s", "workflows started", started, "/s")
+        add("workflows_started_per_s", "workflows started", started / seconds, "/s")
         add("executions_per_s", "task executions (updates)", executions, "/s")
-        add(
-            "workflows_completed_per_s",
-            "workflows completed",
-            rate(Work.COMPLETED),
-            "/s",
-        )
+        completed = work[Work.COMPLETED] / seconds
+        add("workflows_completed_per_s", "workflows completed", completed, "/s")
         if self._callback:
-            add(
-                "in_progress_per_s", "IN_PROGRESS updates", rate(Work.IN_PROGRESS), "/s"
-            )
-        add("polls_per_s", "batch polls", polls / seconds, "/s")
-        add(
-            "empty_poll_pct",
-            "batch polls that came back empty",
-            _pct(empty, polls),
-            "%",
-        )
-        add(
-            "chained_pct",
-            "tasks handed out by update-v2",
-            _pct(chained, chained + polled),
-            "%",
-        )
+            in_progress = work[Work.IN_PROGRESS] / seconds
+            add("in_progress_per_s", "IN_PROGRESS updates", in_progress, "/s")
+        per_worker = 1000 * self._options.workers / executions if executions else 0.0
+        add("ms_per_execution", "time per execution, per worker", per_worker, "ms")
+        add("polls_per_s", "batch polls", work[Work.POLLS] / seconds, "/s")
+        empty = _pct(work[Work.EMPTY_POLLS], work[Work.POLLS])
+        add("empty_poll_pct", "batch polls that came back empty", empty, "%")
+        chained = _pct(work[Work.CHAINED], handed_out)
+        add("chained_pct", "tasks handed out by update-v2", chained, "%")
+        errors = last.work[Work.ERRORS] + last.start[Start.ERRORS]
         add("client_errors", "failed requests (whole run)", errors)
+        return executions
+
+    def _add_resources(
+        self, section: Section, cpu: dict[str, float], executions: float
+    ) -> None:
+        add = section.add
         for name in ("gateway", "rabbitmq", "workers", "starter"):
             if name in cpu:
                 add(f"cpu_{name}_pct", f"CPU {name} (100 = one core)", cpu[name], "%")
         add("cpu_machine_pct", "CPU machine (100 = all cores)", cpu["machine"], "%")
+        for name in ("gateway", "rabbitmq"):
+            if name in cpu and executions:
+                per_task = 10 * cpu[name] / executions
+                add(f"cpu_ms_{name}", f"{name} CPU per execution", per_task, "ms")
+        monitor = self._harness.gateway.monitor
+        peak = monitor.peak_rss / MIB if monitor else 0.0
         add("gateway_peak_rss_mib", "gateway peak RSS", peak, "MiB")
-        return section
 
     @staticmethod
     def _add_verdict(section: Section, verdict: _Verdict) -> None:

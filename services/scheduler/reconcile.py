@@ -47,11 +47,15 @@ class Reconciler:
         self._engine = runtime.engine
         self._grace_ms = runtime.settings.reconcile_grace_seconds * 1000
 
-    async def sweep(self) -> SweepResult:
-        """Re-publish lost messages and fire lost response timers."""
-        now = now_ms()
-        republished = await self._lost_messages(now)
-        checked = await self._lost_timers(now)
+    async def sweep(self, grace_ms: int | None = None) -> SweepResult:
+        """Re-publish lost messages and fire lost response timers.
+
+        Only tasks overdue by more than `grace_ms` (default: the configured
+        grace period) count as lost.
+        """
+        cutoff = now_ms() - (self._grace_ms if grace_ms is None else grace_ms)
+        republished = await self._lost_messages(cutoff)
+        checked = await self._lost_timers(cutoff)
         if republished or checked:
             log.info(
                 "reconciled: %d tasks re-published, %d response timeouts checked",
@@ -60,10 +64,10 @@ class Reconciler:
             )
         return SweepResult(republished, checked)
 
-    async def _lost_messages(self, now: int) -> int:
+    async def _lost_messages(self, cutoff: int) -> int:
         overdue: dict[str, list[VersionedTask]] = defaultdict(list)
         for entry in await self._store.scheduled_tasks():
-            if due_time(entry.task) <= now - self._grace_ms:
+            if due_time(entry.task) <= cutoff:
                 overdue[task_queue(entry.task)].append(entry)
         republished = 0
         for queue, entries in overdue.items():
@@ -73,11 +77,11 @@ class Reconciler:
                 republished += len(entries)
         return republished
 
-    async def _lost_timers(self, now: int) -> int:
+    async def _lost_timers(self, cutoff: int) -> int:
         checked = 0
         for task, _ in await self._store.in_progress_tasks():
             allowed = task.responseTimeoutSeconds + task.callbackAfterSeconds
-            if task.updateTime + allowed * 1000 <= now - self._grace_ms:
+            if task.updateTime + allowed * 1000 <= cutoff:
                 timer = TaskMessage.for_task(task.taskId, task.pollCount, RESPONSE)
                 await self._engine.timers.fire(timer)
                 checked += 1

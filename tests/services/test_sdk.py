@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from conductor.client.automator.task_handler import TaskHandler
 from conductor.client.configuration.configuration import Configuration
+from conductor.client.context.task_context import TaskInProgress
 from conductor.client.http.models.task import Task
 from conductor.client.worker.exception import NonRetryableException
 from conductor.client.worker.worker import Worker
@@ -30,6 +31,16 @@ def fail_first_attempt(task: Task) -> dict[str, Any]:
     if task.retry_count == 0:
         raise RuntimeError("transient failure")
     return {"value": task.input_data["value"], "attempt": task.retry_count}
+
+
+POLLED_AT: dict[str, list[float]] = {}
+
+
+def finish_after_a_callback(task: Task) -> dict[str, Any] | TaskInProgress:
+    POLLED_AT.setdefault(task.task_id, []).append(time.monotonic())
+    if task.poll_count == 1:
+        return TaskInProgress(callback_after_seconds=2, output={"stage": 1})
+    return {"stage": 2, "polls": task.poll_count}
 
 
 @asynccontextmanager
@@ -123,3 +134,21 @@ async def test_sdk_worker_failing_once_succeeds_on_retry(
     logs = await baton.request("GET", f"/tasks/{workflow['tasks'][0]['taskId']}/log")
     assert logs[0] == 200
     assert any("transient failure" in entry["log"] for entry in logs[1])
+
+
+async def test_sdk_task_in_progress_comes_back_after_its_callback(
+    baton: Baton, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task_type = unique("sdk_callback")
+    name = unique("sdk_wf")
+    await baton.register_workflow(name, [task_type])
+    async with sdk_workers(baton, monkeypatch, {task_type: finish_after_a_callback}):
+        workflow_id = await baton.start(name, {"x": 1})
+        workflow = await wait_for_end(baton, workflow_id)
+
+    assert workflow["status"] == "COMPLETED"
+    [task] = workflow["tasks"]
+    assert task["pollCount"] == 2
+    assert workflow["output"] == {"stage": 2, "polls": 2}
+    first, second = POLLED_AT[task["taskId"]]
+    assert second - first >= 2.0
