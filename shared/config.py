@@ -60,6 +60,8 @@ class Settings:
     definition_cache_ms: int = 2000
     run_scheduler: bool = True
     ack_timeout_seconds: int = 0
+    timer_flush_ms: int = 1000
+    shutdown_grace_seconds: int = 10
     sweep_seconds: int = 30
     reconcile_grace_seconds: int = 10
     log_level: str = "INFO"
@@ -96,6 +98,8 @@ class Settings:
             definition_cache_ms=_int(env, "BATON_DEFINITION_CACHE_MS", 2000),
             run_scheduler=_bool(env, "BATON_RUN_SCHEDULER", True),
             ack_timeout_seconds=_int(env, "BATON_ACK_TIMEOUT_SECONDS", 0),
+            timer_flush_ms=_int(env, "BATON_TIMER_FLUSH_MS", 1000, 1),
+            shutdown_grace_seconds=_int(env, "BATON_SHUTDOWN_GRACE_SECONDS", 10),
             sweep_seconds=_int(env, "BATON_SWEEP_SECONDS", 30, 1),
             reconcile_grace_seconds=_int(env, "BATON_RECONCILE_GRACE_SECONDS", 10),
             log_level=env.get("BATON_LOG_LEVEL", "INFO").upper(),

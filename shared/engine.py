@@ -94,7 +94,9 @@ class Engine:
         self.polls = polls
         self.settings = settings
         self.definitions = DefinitionCache(store, settings.definition_cache_ms)
-        self.timers = Timers(self, settings.ack_timeout_seconds)
+        self.timers = Timers(
+            self, settings.ack_timeout_seconds, settings.timer_flush_ms
+        )
         self._declared: set[str] = set()
 
     # Workflows.
@@ -181,7 +183,7 @@ class Engine:
         tasks = await self.store.claim_tasks(messages, worker_id, now_ms())
         if tasks:
             versions = {m.task_id: m.version + 1 for m in messages}
-            await self.timers.arm_handed_out(tasks, versions)
+            self.timers.arm_handed_out(tasks, versions)
         return tasks
 
     async def ack(self, task_id: str, worker_id: str | None) -> bool:
@@ -329,7 +331,7 @@ class Engine:
         )
         await self.store.insert_tasks([task])
         await self.publish([task], 0, delay)
-        await self.timers.arm_scheduled([task])
+        self.timers.arm_scheduled([task])
 
     def _new_task(
         self,

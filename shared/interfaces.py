@@ -40,13 +40,16 @@ class TaskMessage(msgspec.Struct, array_like=True, frozen=True):
     for, and an id unique to this publish.
 
     A timer is a TaskMessage with a `kind`; its `version` is the
-    generation of the task state it guards (see `shared.timers`).
+    generation of the task state it guards (see `shared.timers`). Timers
+    armed together travel as one message whose `batch` lists
+    `(task_id, generation)` pairs.
     """
 
     task_id: str
     version: int
     message_id: str
     kind: str = ""
+    batch: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def for_task(cls, task_id: str, version: int, kind: str = "") -> TaskMessage:

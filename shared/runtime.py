@@ -70,7 +70,8 @@ class Runtime:
         )
 
     async def stop(self) -> None:
-        """Flush poll data and close both backends."""
+        """Flush poll data and timers, then close both backends."""
         await self.polls.stop()
+        await self.engine.timers.close()
         await self.broker.close()
         await self.store.close()

@@ -16,14 +16,24 @@ moved on, it does nothing:
 - `ack`: armed at each hand-out when an ack deadline applies, guards the
   store version: an ack or any update moves it. Otherwise the task goes
   back to its queue with the same id.
+
+Arming is off the request path: timers are collected for up to
+`flush_ms` and published as one batch message per kind and delay, so a
+thousand hand-outs a second cost about one broker message a second. A
+process that dies holding unpublished timers loses them; reconciliation
+finds the IN_PROGRESS tasks they guarded once those are overdue.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from shared.clock import now_ms
 from shared.interfaces import TIMER_QUEUE, TaskMessage
@@ -33,6 +43,10 @@ if TYPE_CHECKING:
     from shared.engine import Engine
 
 log = logging.getLogger(__name__)
+
+_Key = tuple[str, int]
+_MAX_BATCH = 1000
+_FIRE_CONCURRENCY = 32
 
 RESPONSE = "response"
 TIMEOUT = "timeout"
@@ -55,52 +69,78 @@ def task_def_of(task: Task) -> TaskDef:
 class Timers:
     """Arms and fires the timers of an engine's tasks."""
 
-    def __init__(self, engine: Engine, ack_timeout_seconds: int = 0) -> None:
+    def __init__(
+        self, engine: Engine, ack_timeout_seconds: int = 0, flush_ms: int = 1000
+    ) -> None:
         self._engine = engine
         self._ack_timeout = ack_timeout_seconds
+        self._flush_seconds = flush_ms / 1000
+        self._pending: dict[_Key, list[tuple[str, int]]] = defaultdict(list)
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
 
     # Arming.
 
-    async def arm_handed_out(
-        self, tasks: Sequence[Task], versions: dict[str, int]
-    ) -> None:
+    def arm_handed_out(self, tasks: Sequence[Task], versions: dict[str, int]) -> None:
         """Arm the timers of tasks just handed out; `versions` are their
         store versions after the claim."""
-        armed: dict[tuple[str, int], list[TaskMessage]] = defaultdict(list)
         for task in tasks:
             definition = task_def_of(task)
-            armed[(RESPONSE, task.responseTimeoutSeconds)].append(
-                TaskMessage.for_task(task.taskId, task.pollCount, RESPONSE)
+            self._add(
+                RESPONSE, task.responseTimeoutSeconds, task.taskId, task.pollCount
             )
             if definition.timeoutSeconds > 0 and task.pollCount == 1:
-                armed[(TIMEOUT, definition.timeoutSeconds)].append(
-                    TaskMessage.for_task(task.taskId, task.startTime, TIMEOUT)
+                self._add(
+                    TIMEOUT, definition.timeoutSeconds, task.taskId, task.startTime
                 )
             ack_after = self._ack_deadline(definition)
             if ack_after > 0:
-                armed[(ACK, ack_after)].append(
-                    TaskMessage.for_task(task.taskId, versions[task.taskId], ACK)
-                )
-        await self._send(armed)
+                self._add(ACK, ack_after, task.taskId, versions[task.taskId])
 
-    async def arm_scheduled(self, tasks: Iterable[Task]) -> None:
+    def arm_scheduled(self, tasks: Iterable[Task]) -> None:
         """Arm the poll timeout of tasks just scheduled, where one applies."""
-        armed: dict[tuple[str, int], list[TaskMessage]] = defaultdict(list)
         for task in tasks:
             poll_timeout = task_def_of(task).pollTimeoutSeconds
             if poll_timeout:
                 delay = poll_timeout + task.startDelayInSeconds
-                armed[(POLL, delay)].append(TaskMessage.for_task(task.taskId, 0, POLL))
-        await self._send(armed)
+                self._add(POLL, delay, task.taskId, 0)
 
     def _ack_deadline(self, definition: TaskDef) -> int:
         if definition.ackTimeoutSeconds is not None:
             return definition.ackTimeoutSeconds
         return self._ack_timeout
 
-    async def _send(self, armed: dict[tuple[str, int], list[TaskMessage]]) -> None:
-        for (_, delay), messages in armed.items():
-            await self._engine.send(TIMER_QUEUE, messages, max(1, delay))
+    def _add(self, kind: str, delay: int, task_id: str, generation: int) -> None:
+        entries = self._pending[(kind, max(1, delay))]
+        entries.append((task_id, generation))
+        if len(entries) >= _MAX_BATCH:
+            self._spawn_flush()
+        elif self._flush_handle is None:
+            loop = asyncio.get_running_loop()
+            self._flush_handle = loop.call_later(self._flush_seconds, self._spawn_flush)
+
+    def _spawn_flush(self) -> None:
+        task = asyncio.ensure_future(self.flush())
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def flush(self) -> None:
+        """Publish every timer armed so far."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        pending, self._pending = self._pending, defaultdict(list)
+        for (kind, delay), entries in pending.items():
+            message = TaskMessage.for_task("", 0, kind)
+            batch = msgspec.structs.replace(message, batch=tuple(entries))
+            await self._engine.send(TIMER_QUEUE, [batch], delay)
+
+    async def close(self) -> None:
+        """Publish what is armed and wait for flushes under way."""
+        await self.flush()
+        if self._flushing:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait(self._flushing)
 
     async def _rearm(self, message: TaskMessage, seconds: int) -> None:
         fresh = TaskMessage.for_task(message.task_id, message.version, message.kind)
@@ -109,7 +149,19 @@ class Timers:
     # Firing.
 
     async def fire(self, message: TaskMessage) -> None:
-        """Handle a timer that came back; stale ones do nothing."""
+        """Handle a timer (or a batch) that came back; stale ones do nothing."""
+        if not message.batch:
+            await self._fire_one(message)
+            return
+        singles = [
+            TaskMessage(task_id, generation, message.message_id, message.kind)
+            for task_id, generation in message.batch
+        ]
+        for start in range(0, len(singles), _FIRE_CONCURRENCY):
+            chunk = singles[start : start + _FIRE_CONCURRENCY]
+            await asyncio.gather(*(self._fire_one(single) for single in chunk))
+
+    async def _fire_one(self, message: TaskMessage) -> None:
         found = await self._engine.store.get_task(message.task_id)
         if found is None:
             return

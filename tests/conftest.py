@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.rabbitmq",
     "tests.fixtures.mongodb",
+    "tests.fixtures.processes",
 ]

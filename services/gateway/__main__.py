@@ -25,7 +25,11 @@ async def serve(settings: Settings) -> None:
     if settings.run_scheduler or runtime.embedded_broker:
         scheduler = Scheduler(runtime)
         await scheduler.start()
-    runner = web.AppRunner(build_app(runtime), access_log=None)
+    runner = web.AppRunner(
+        build_app(runtime),
+        access_log=None,
+        shutdown_timeout=settings.shutdown_grace_seconds,
+    )
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.port).start()
     log.info("gateway listening on %s:%d", settings.host, settings.port)

@@ -283,7 +283,8 @@ class RabbitMQBroker(Broker):
         self._levels = delay_levels
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
-        self._top_exchange: AbstractExchange | None = None
+        # Indexed by tier: a delayed message enters at its highest set bit.
+        self._tier_exchanges: list[AbstractExchange] = []
         self._stats_channel: aiormq.abc.AbstractChannel | None = None
         self._stats_lock = asyncio.Lock()
         self._declared: set[str] = set()
@@ -400,7 +401,7 @@ class RabbitMQBroker(Broker):
                 timeout=_TIMEOUT,
             )
             await queue.bind(source, self._tier_pattern(tier, "1"), timeout=_TIMEOUT)
-        self._top_exchange = exchanges[0]
+        self._tier_exchanges = exchanges[::-1]
 
     def _tier_pattern(self, tier: int, bit: str) -> str:
         # Skip the words of the tiers above, then match this tier's bit.
@@ -413,7 +414,7 @@ class RabbitMQBroker(Broker):
         """
         connection, self._connection = self._connection, None
         self._publisher = None
-        self._top_exchange = None
+        self._tier_exchanges = []
         self._stats_channel = None
         for subscriptions in list(self._subscriptions.values()):
             for subscription in list(subscriptions):
@@ -517,8 +518,10 @@ class RabbitMQBroker(Broker):
         channel = self._require_publisher()
         if not delay_seconds:
             exchange = channel.default_exchange
-        elif self._top_exchange is not None:
-            exchange = self._top_exchange
+        elif self._tier_exchanges:
+            # The tiers above the highest set bit would only pass the
+            # message down: skipping them saves their routing work.
+            exchange = self._tier_exchanges[delay_seconds.bit_length() - 1]
         else:
             raise BrokerError("RabbitMQ broker is not started")
         results = await asyncio.gather(

@@ -319,6 +319,11 @@ class SQLiteStore(Store):
                 return _Outcome(request, None, _store_error(exc))
             return _Outcome(request, None, exc)
         conn.execute("RELEASE op")
+        if isinstance(value, sqlite3.Cursor):
+            # A cursor must not travel to the event loop's thread: finalised
+            # there, it races this thread's use of the connection.
+            value.close()
+            value = None
         return _Outcome(request, value, None)
 
     # Definitions.

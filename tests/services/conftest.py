@@ -151,6 +151,7 @@ def settings(backend: str, tmp_path: Any, request: pytest.FixtureRequest) -> Set
         "consumer_linger_ms": 200,
         "poll_data_flush_ms": 50,
         "definition_cache_ms": 0,
+        "timer_flush_ms": 50,
     }
     if backend == "rabbitmq":
         mongodb_url = request.getfixturevalue("mongodb_url")

@@ -203,7 +203,7 @@ async def test_unacked_task_returns_to_its_queue_after_the_ack_deadline(
         "true",
     )
     assert await baton.poll(task_type, timeout=2500) == []
-    status, stored = await baton.request("GET", f"/tasks/{task['taskId']}")
+    _, stored = await baton.request("GET", f"/tasks/{task['taskId']}")
     assert (stored["status"], stored["workerId"]) == ("IN_PROGRESS", "acks")
 
 
