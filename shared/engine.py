@@ -135,8 +135,9 @@ class Engine:
             workflowDefinition=definition,
             createdBy=request.createdBy or UNSET,
         )
-        await self.store.insert_workflow(workflow)
-        await self._schedule(workflow, definition, 0, seq=1, context_task=None)
+        first = await self._prepare(workflow, definition, 0, seq=1, context_task=None)
+        await self.store.insert_workflow(workflow, [first])
+        await self._enqueue(first)
         return workflow.workflowId
 
     async def get_workflow(self, workflow_id: str, include_tasks: bool) -> Workflow:
@@ -220,24 +221,27 @@ class Engine:
             )
             if updated is None:
                 return await self.get_task(task_id)
-            await self._record(result, now)
+            await self.store.add_task_result(result, now)
             return updated.task
 
-        assert result.status is not None
-        updated = await self.store.transition_task(
-            task_id, PENDING_TASK_STATUSES, self._result_patch(result, now)
+        recorded = await self.store.record_result(
+            task_id,
+            PENDING_TASK_STATUSES,
+            self._result_patch(result, now),
+            result,
+            now,
         )
-        if updated is None:
+        if recorded is None:
             current = await self.get_task(task_id)
             log.debug("update for ended task %s ignored", task_id)
             return current
 
-        await self._record(result, now)
-        task = updated.task
+        (task, version), workflow = recorded
+        await self._record_logs(result, now)
         if task.status == "SCHEDULED":
-            await self.publish([task], updated.version, task.callbackAfterSeconds)
+            await self.publish([task], version, task.callbackAfterSeconds)
         else:
-            await self.decide(task)
+            await self.decide(task, workflow)
         return task
 
     async def update_task_by_ref(
@@ -315,6 +319,29 @@ class Engine:
         retry_of: Task | None = None,
         delay: int = 0,
     ) -> None:
+        task = await self._prepare(
+            workflow,
+            definition,
+            index,
+            seq=seq,
+            context_task=context_task,
+            retry_of=retry_of,
+            delay=delay,
+        )
+        await self.store.insert_tasks([task])
+        await self._enqueue(task)
+
+    async def _prepare(
+        self,
+        workflow: Workflow,
+        definition: WorkflowDef,
+        index: int,
+        *,
+        seq: int,
+        context_task: Task | None,
+        retry_of: Task | None = None,
+        delay: int = 0,
+    ) -> Task:
         step = definition.tasks[index]
         task_def = await self.definitions.task_def(step.name, step.taskDefinition)
         context = await self._context(workflow, step.inputParameters, context_task)
@@ -329,8 +356,10 @@ class Engine:
             input_data=resolve(step.inputParameters, context),
             retry_of=retry_of,
         )
-        await self.store.insert_tasks([task])
-        await self.publish([task], 0, delay)
+        return task
+
+    async def _enqueue(self, task: Task) -> None:
+        await self.publish([task], 0, task.startDelayInSeconds)
         self.timers.arm_scheduled([task])
 
     def _new_task(
@@ -450,9 +479,13 @@ class Engine:
 
     # Deciding what follows a task that ended.
 
-    async def decide(self, task: Task) -> None:
-        """Advance, retry or fail the workflow of a task that just ended."""
-        workflow = await self.store.get_workflow(task.workflowInstanceId or "")
+    async def decide(self, task: Task, workflow: Workflow | None = None) -> None:
+        """Advance, retry or fail the workflow of a task that just ended.
+
+        `workflow` saves a read when the caller has it at hand.
+        """
+        if workflow is None:
+            workflow = await self.store.get_workflow(task.workflowInstanceId or "")
         if workflow is None or workflow.terminal:
             return
         definition = workflow.workflowDefinition
@@ -596,8 +629,7 @@ class Engine:
             patch["endTime"] = now
         return patch
 
-    async def _record(self, result: TaskResult, now: int) -> None:
-        await self.store.add_task_result(result, now)
+    async def _record_logs(self, result: TaskResult, now: int) -> None:
         if result.logs:
             task_id = result.taskId or ""
             logs = [

@@ -215,8 +215,11 @@ class Store(ABC):
     # Workflows.
 
     @abstractmethod
-    async def insert_workflow(self, workflow: Workflow) -> None:
-        """Store a new workflow (its `tasks` list is not stored)."""
+    async def insert_workflow(
+        self, workflow: Workflow, tasks: Sequence[Task] = ()
+    ) -> None:
+        """Store a new workflow (its `tasks` list is not stored), then
+        `tasks` as `insert_tasks` does. Raises DuplicateKey for a known id."""
 
     @abstractmethod
     async def get_workflow(self, workflow_id: str) -> Workflow | None:
@@ -274,6 +277,21 @@ class Store(ABC):
 
         Returns the task after the change, or None if it is missing, in
         another status or at another version.
+        """
+
+    @abstractmethod
+    async def record_result(
+        self,
+        task_id: str,
+        from_statuses: Collection[str],
+        patch: Mapping[str, Any],
+        result: TaskResult,
+        received_at: int,
+    ) -> tuple[VersionedTask, Workflow | None] | None:
+        """`transition_task`, and only if it happened, `add_task_result`.
+
+        Returns the task after the change and its workflow (None if the
+        workflow is missing), or None when the transition did not happen.
         """
 
     @abstractmethod

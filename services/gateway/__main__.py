@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from aiohttp import web
@@ -11,7 +10,7 @@ from services.gateway.app import build_app
 from services.scheduler.service import Scheduler
 from shared.config import Settings
 from shared.runtime import Runtime
-from shared.service import configure_logging, wait_for_stop_signal
+from shared.service import configure_logging, run, wait_for_stop_signal
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ def main() -> None:
     """Console entry point."""
     settings = Settings.from_env()
     configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from services.health import add_health_routes
 from services.scheduler.service import Scheduler
 from shared.config import Settings
 from shared.runtime import Runtime
-from shared.service import configure_logging, wait_for_stop_signal
+from shared.service import configure_logging, run, wait_for_stop_signal
 
 
 async def serve(settings: Settings) -> None:
@@ -36,7 +34,7 @@ def main() -> None:
     """Console entry point."""
     settings = Settings.from_env()
     configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ winners, whatever the batch size.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -273,7 +274,9 @@ class MongoStore(Store):
 
     # Workflows.
 
-    async def insert_workflow(self, workflow: Workflow) -> None:
+    async def insert_workflow(
+        self, workflow: Workflow, tasks: Sequence[Task] = ()
+    ) -> None:
         doc: Document = msgspec.to_builtins(msgspec.structs.replace(workflow, tasks=[]))
         del doc["tasks"]
         doc["_id"] = workflow.workflowId
@@ -284,6 +287,9 @@ class MongoStore(Store):
                 raise DuplicateKey(
                     f"workflow {workflow.workflowId} exists already"
                 ) from exc
+        # Written after the workflow: a crash in between leaves a workflow
+        # with no task, never a task with no workflow.
+        await self.insert_tasks(tasks)
 
     async def get_workflow(self, workflow_id: str) -> Workflow | None:
         with _translated("get_workflow"):
@@ -416,6 +422,23 @@ class MongoStore(Store):
                 return_document=ReturnDocument.AFTER,
             )
             return None if doc is None else _versioned(doc)
+
+    async def record_result(
+        self,
+        task_id: str,
+        from_statuses: Collection[str],
+        patch: Mapping[str, Any],
+        result: TaskResult,
+        received_at: int,
+    ) -> tuple[VersionedTask, Workflow | None] | None:
+        changed = await self.transition_task(task_id, from_statuses, patch)
+        if changed is None:
+            return None
+        _, workflow = await asyncio.gather(
+            self.add_task_result(result, received_at),
+            self.get_workflow(changed.task.workflowInstanceId or ""),
+        )
+        return changed, workflow
 
     async def scheduled_tasks(
         self, task_type: str | None = None

@@ -176,6 +176,73 @@ def _poll_data(
     )
 
 
+_TaskRow = tuple[str, str | None, int, str, str, bytes]
+
+
+def _task_row(task: Task) -> _TaskRow:
+    return (
+        task.taskId,
+        task.workflowInstanceId or None,
+        task.seq,
+        task.status,
+        task.taskType,
+        _encode(task),
+    )
+
+
+def _insert_task_rows(conn: sqlite3.Connection, rows: Sequence[_TaskRow]) -> None:
+    conn.executemany(
+        "INSERT INTO tasks "
+        "(id, workflow_id, seq, status, task_type, version, claim, doc) "
+        "VALUES (?, ?, ?, ?, ?, 0, NULL, ?) ON CONFLICT (id) DO NOTHING",
+        rows,
+    ).close()
+
+
+def _insert_result(
+    conn: sqlite3.Connection, row: tuple[str | None, int, bytes]
+) -> None:
+    conn.execute(
+        "INSERT INTO task_results (task_id, received_at, doc) VALUES (?, ?, ?)",
+        row,
+    ).close()
+
+
+def _transition(
+    conn: sqlite3.Connection,
+    task_id: str,
+    allowed: frozenset[str],
+    changes: dict[str, Any],
+    expected_version: int | None,
+) -> VersionedTask | None:
+    row = conn.execute(
+        "SELECT status, version, doc FROM tasks WHERE id = ?", (task_id,)
+    ).fetchone()
+    if row is None or row[0] not in allowed:
+        return None
+    if expected_version is not None and row[1] != expected_version:
+        return None
+    task = msgspec.structs.replace(_decode_task(row[2]), **changes)
+    blob = _encode(task)
+    # Decoding what is stored validates the patched values.
+    task = _decode_task(blob)
+    version = row[1] + 1
+    conn.execute(
+        "UPDATE tasks SET workflow_id = ?, seq = ?, status = ?, "
+        "task_type = ?, version = ?, doc = ? WHERE id = ?",
+        (
+            task.workflowInstanceId or None,
+            task.seq,
+            task.status,
+            task.taskType,
+            version,
+            blob,
+            task_id,
+        ),
+    )
+    return VersionedTask(task, version)
+
+
 class SQLiteStore(Store):
     """The embedded store: a SQLite file in WAL mode, one writer thread.
 
@@ -399,12 +466,15 @@ class SQLiteStore(Store):
 
     # Workflows.
 
-    async def insert_workflow(self, workflow: Workflow) -> None:
+    async def insert_workflow(
+        self, workflow: Workflow, tasks: Sequence[Task] = ()
+    ) -> None:
         row = (
             workflow.workflowId,
             workflow.status,
             _encode(msgspec.structs.replace(workflow, tasks=[])),
         )
+        task_rows = [_task_row(task) for task in tasks]
 
         def insert(conn: sqlite3.Connection) -> None:
             try:
@@ -415,6 +485,7 @@ class SQLiteStore(Store):
                 raise DuplicateKey(
                     f"workflow {workflow.workflowId} exists already"
                 ) from exc
+            _insert_task_rows(conn, task_rows)
 
         await self._call(insert)
 
@@ -453,27 +524,9 @@ class SQLiteStore(Store):
     # Tasks.
 
     async def insert_tasks(self, tasks: Sequence[Task]) -> None:
-        rows = [
-            (
-                task.taskId,
-                task.workflowInstanceId or None,
-                task.seq,
-                task.status,
-                task.taskType,
-                _encode(task),
-            )
-            for task in tasks
-        ]
-        if not rows:
-            return
-        await self._call(
-            lambda conn: conn.executemany(
-                "INSERT INTO tasks "
-                "(id, workflow_id, seq, status, task_type, version, claim, doc) "
-                "VALUES (?, ?, ?, ?, ?, 0, NULL, ?) ON CONFLICT (id) DO NOTHING",
-                rows,
-            )
-        )
+        rows = [_task_row(task) for task in tasks]
+        if rows:
+            await self._call(lambda conn: _insert_task_rows(conn, rows))
 
     async def get_task(self, task_id: str) -> VersionedTask | None:
         row = await self._call(
@@ -569,36 +622,37 @@ class SQLiteStore(Store):
         _check_patch(patch, _TASK_FIELDS)
         allowed = frozenset(from_statuses)
         changes = dict(patch)
+        return await self._call(
+            lambda conn: _transition(conn, task_id, allowed, changes, expected_version)
+        )
 
-        def transition(conn: sqlite3.Connection) -> VersionedTask | None:
-            row = conn.execute(
-                "SELECT status, version, doc FROM tasks WHERE id = ?", (task_id,)
+    async def record_result(
+        self,
+        task_id: str,
+        from_statuses: Collection[str],
+        patch: Mapping[str, Any],
+        result: TaskResult,
+        received_at: int,
+    ) -> tuple[VersionedTask, Workflow | None] | None:
+        _check_patch(patch, _TASK_FIELDS)
+        allowed = frozenset(from_statuses)
+        changes = dict(patch)
+        row = (task_id, received_at, _encode(result))
+
+        def record(
+            conn: sqlite3.Connection,
+        ) -> tuple[VersionedTask, Workflow | None] | None:
+            changed = _transition(conn, task_id, allowed, changes, None)
+            if changed is None:
+                return None
+            _insert_result(conn, row)
+            workflow = conn.execute(
+                "SELECT doc FROM workflows WHERE id = ?",
+                (changed.task.workflowInstanceId or "",),
             ).fetchone()
-            if row is None or row[0] not in allowed:
-                return None
-            if expected_version is not None and row[1] != expected_version:
-                return None
-            task = msgspec.structs.replace(_decode_task(row[2]), **changes)
-            blob = _encode(task)
-            # Decoding what is stored validates the patched values.
-            task = _decode_task(blob)
-            version = row[1] + 1
-            conn.execute(
-                "UPDATE tasks SET workflow_id = ?, seq = ?, status = ?, "
-                "task_type = ?, version = ?, doc = ? WHERE id = ?",
-                (
-                    task.workflowInstanceId or None,
-                    task.seq,
-                    task.status,
-                    task.taskType,
-                    version,
-                    blob,
-                    task_id,
-                ),
-            )
-            return VersionedTask(task, version)
+            return changed, None if workflow is None else _decode_workflow(workflow[0])
 
-        return await self._call(transition)
+        return await self._call(record)
 
     async def scheduled_tasks(
         self, task_type: str | None = None
@@ -624,12 +678,7 @@ class SQLiteStore(Store):
 
     async def add_task_result(self, result: TaskResult, received_at: int) -> None:
         row = (result.taskId, received_at, _encode(result))
-        await self._call(
-            lambda conn: conn.execute(
-                "INSERT INTO task_results (task_id, received_at, doc) VALUES (?, ?, ?)",
-                row,
-            )
-        )
+        await self._call(lambda conn: _insert_result(conn, row))
 
     async def task_results(self, task_id: str) -> list[TaskResult]:
         rows = await self._call(

@@ -51,20 +51,29 @@ async def sdk_workers(
 ) -> AsyncIterator[None]:
     """Run SDK workers (threads) for the given task types while inside."""
     monkeypatch.setenv("CONDUCTOR_WORKER_ISOLATION", "thread")
+    configured = [
+        Worker(task_type, function, poll_interval=10, worker_id=f"sdk-{task_type}")
+        for task_type, function in workers.items()
+    ]
     handler = TaskHandler(
-        workers=[
-            Worker(task_type, function, poll_interval=10, worker_id=f"sdk-{task_type}")
-            for task_type, function in workers.items()
-        ],
+        workers=configured,
         configuration=Configuration(server_api_url=baton.api),
         scan_for_annotated_workers=False,
         monitor_processes=False,
     )
+    # In thread mode the SDK's stop_processes() cannot stop its runner
+    # threads (it only terminates processes): pause the workers so they
+    # stop polling, and make the threads daemons so they never hold up
+    # the interpreter's exit.
+    for runner in handler.task_runner_processes:
+        runner.daemon = True
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, handler.start_processes)
     try:
         yield
     finally:
+        for worker in configured:
+            worker.paused = True
         await loop.run_in_executor(None, handler.stop_processes)
 
 
