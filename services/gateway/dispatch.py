@@ -151,8 +151,9 @@ class QueueDispatcher:
         subscribing = self._subscribing
         try:
             subscription = await asyncio.shield(subscribing)
-        except BrokerError:
-            if self._subscribing is subscribing:
+        except BaseException:
+            # A failed attempt must not be awaited again by the next poll.
+            if self._subscribing is subscribing and subscribing.done():
                 self._subscribing = None
             raise
         if self._subscribing is subscribing:

@@ -46,9 +46,10 @@ from shared.interfaces import (
 log = logging.getLogger(__name__)
 
 # Errors a broker round trip can end with: aiormq's protocol errors, a
-# closed channel (ChannelInvalidStateError is a RuntimeError), socket
-# errors and timeouts (both OSError subclasses).
-_AMQP_ERRORS = (aiormq.exceptions.AMQPError, ChannelInvalidStateError, OSError)
+# closed channel or connection (aio-pika raises RuntimeError, of which
+# ChannelInvalidStateError is one), socket errors and timeouts (both
+# OSError subclasses).
+_AMQP_ERRORS = (aiormq.exceptions.AMQPError, RuntimeError, OSError)
 
 _TIMEOUT = 30.0
 _MAX_SHORTSTR = 255
@@ -563,7 +564,11 @@ class RabbitMQBroker(Broker):
         connection = self._connection
         if connection is None:
             raise BrokerError("RabbitMQ broker is not started")
-        channel = connection.channel(publisher_confirms=False)
+        try:
+            channel = connection.channel(publisher_confirms=False)
+        except RuntimeError as exc:
+            # aio-pika refuses a channel while the connection is down.
+            raise BrokerError(f"cannot consume {physical}: {exc}") from exc
         subscription = _RabbitSubscription(self, queue, channel, on_delivery)
         try:
             await channel.initialize(timeout=_TIMEOUT)
