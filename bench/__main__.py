@@ -41,6 +41,7 @@ def _setup(options: Options, broker: str, open_files: int) -> Section:
     add("broker", "broker", f"RabbitMQ {broker}")
     add("cpus", "CPUs", os.cpu_count() or 0)
     add("python", "Python", platform.python_version())
+    add("gateways", "gateways (throughput, callback)", options.gateways)
     add("workers", "workers (one process)", options.workers)
     add("batch", "batch poll count", options.batch)
     add("poll_timeout_ms", "batch poll timeout", options.poll_timeout_ms, "ms")

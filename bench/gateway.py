@@ -31,26 +31,47 @@ class GatewayError(Exception):
 
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """Return `count` distinct TCP ports on 127.0.0.1 that nothing listens on."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        for _ in range(count):
+            probe = stack.enter_context(socket.socket())
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+        return ports
 
 
 class Gateway:
     """`python -m services.gateway` with the bench's settings.
 
     `store_env` selects the store (`MONGODB_URL` and its database, or an
-    SQLite file); the queues live under `prefix` on `amqp_url`.
+    SQLite file); the queues live under `prefix` on `amqp_url`. Several
+    gateways may share a prefix and a store; only those with
+    `run_scheduler` run the timers and sweeps. `name` tells them apart in
+    errors and names the log file.
     """
 
     def __init__(
-        self, amqp_url: str, prefix: str, store_env: dict[str, str], workdir: Path
+        self,
+        amqp_url: str,
+        prefix: str,
+        store_env: dict[str, str],
+        workdir: Path,
+        *,
+        name: str = "gateway",
+        port: int | None = None,
+        run_scheduler: bool = True,
     ) -> None:
         self.amqp_url = amqp_url
         self.prefix = prefix
-        self.port = free_port()
-        self.log_path = workdir / f"{prefix}.log"
+        self.name = name
+        self.port = free_port() if port is None else port
+        self.run_scheduler = run_scheduler
+        self.log_path = workdir / f"{prefix}-{name}.log"
         self._store_env = store_env
         self._process: subprocess.Popen[bytes] | None = None
         self.monitor: ProcessMonitor | None = None
@@ -64,7 +85,7 @@ class Gateway:
     def pid(self) -> int:
         """The gateway's process id."""
         if self._process is None:
-            raise GatewayError("gateway is not running")
+            raise GatewayError(f"{self.name} is not running")
         return self._process.pid
 
     def _env(self) -> dict[str, str]:
@@ -79,6 +100,7 @@ class Gateway:
             BATON_HOST="127.0.0.1",
             BATON_PORT=str(self.port),
             BATON_QUEUE_PREFIX=self.prefix,
+            BATON_RUN_SCHEDULER="true" if self.run_scheduler else "false",
             BATON_LOG_LEVEL="WARNING",
         )
         return env
@@ -120,13 +142,13 @@ class Gateway:
                 if await client.healthy():
                     return
                 await asyncio.sleep(0.1)
-        raise GatewayError(f"gateway not healthy in time\n{self.log_tail()}")
+        raise GatewayError(f"{self.name} not healthy in time\n{self.log_tail()}")
 
     def check_alive(self) -> None:
         """Raise GatewayError if the gateway has exited."""
         if self._process is not None and self._process.poll() is not None:
             code = self._process.returncode
-            raise GatewayError(f"gateway exited with {code}\n{self.log_tail()}")
+            raise GatewayError(f"{self.name} exited with {code}\n{self.log_tail()}")
 
     def stop(self) -> None:
         """Stop the gateway: SIGTERM, then SIGKILL if it lingers."""

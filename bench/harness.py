@@ -16,11 +16,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped,unused-ignore]
 
 from bench.client import TASK_TYPE, BatonClient, task_def, workflow_def
 from bench.counters import Counters
-from bench.gateway import Gateway, delete_broker_names, drop_mongo_database
+from bench.gateway import (
+    Gateway,
+    delete_broker_names,
+    drop_mongo_database,
+    free_ports,
+)
 from bench.monitor import CpuMeter, find_rabbitmq
 from bench.options import Options
 
@@ -39,22 +44,46 @@ class WaitTimeout(BenchError):
 
 
 class Harness:
-    """A fresh gateway (own queues, own store) and the scenario's children.
+    """Fresh gateways (own queues, own store) and the scenario's children.
 
-    Use as an async context manager: on exit, by success, failure or
-    Ctrl-C, the children and the gateway are stopped and the gateway's
-    queues, exchanges and MongoDB database are deleted.
+    `gateways` processes share the queue prefix and the store; the first
+    runs the scheduler, the others do not. Use as an async context
+    manager: on exit, by success, failure or Ctrl-C, the children and the
+    gateways are stopped and their queues, exchanges and MongoDB database
+    are deleted.
     """
 
-    def __init__(self, options: Options, scenario: str, workdir: Path) -> None:
+    def __init__(
+        self, options: Options, scenario: str, workdir: Path, *, gateways: int = 1
+    ) -> None:
         self.options = options
         self.prefix = f"bench-{os.getpid()}-{scenario}"
         self._database = self.prefix.replace("-", "_")
-        self.gateway = Gateway(
-            options.amqp_url, self.prefix, self._store_env(workdir), workdir
-        )
+        store_env = self._store_env(workdir)
+        self.gateways = [
+            Gateway(
+                options.amqp_url,
+                self.prefix,
+                store_env,
+                workdir,
+                name=f"gateway-{n}" if gateways > 1 else "gateway",
+                port=port,
+                run_scheduler=n == 0,
+            )
+            for n, port in enumerate(free_ports(max(1, gateways)))
+        ]
         self._children: list[tuple[SpawnProcess, Counters]] = []
         self._queues: list[Queue[Any]] = []
+
+    @property
+    def gateway(self) -> Gateway:
+        """The first gateway, the one that runs the scheduler."""
+        return self.gateways[0]
+
+    @property
+    def base_urls(self) -> tuple[str, ...]:
+        """Every gateway's root URL, in order."""
+        return tuple(g.base_url for g in self.gateways)
 
     def _store_env(self, workdir: Path) -> dict[str, str]:
         if self.options.mongodb_url:
@@ -66,8 +95,10 @@ class Harness:
 
     async def __aenter__(self) -> Harness:
         try:
-            self.gateway.launch()
-            await self.gateway.wait_ready()
+            # One at a time, so that they do not set up the store at once.
+            for gateway in self.gateways:
+                gateway.launch()
+                await gateway.wait_ready()
             async with BatonClient(self.gateway.base_url, connections=1) as client:
                 await client.register(task_def(), workflow_def())
         except BaseException:
@@ -86,7 +117,8 @@ class Harness:
     async def _tear_down(self) -> None:
         await self._stop_children()
         queues = [TASK_TYPE, *await self.gateway.queue_names()]
-        self.gateway.stop()
+        for gateway in self.gateways:
+            gateway.stop()
         await delete_broker_names(self.options.amqp_url, self.prefix, queues)
         if self.options.mongodb_url:
             await asyncio.to_thread(
@@ -172,8 +204,9 @@ class Harness:
         await self.wait_for(lambda: counters.get(slot) > 0, READY_TIMEOUT_S, what)
 
     def check_alive(self) -> None:
-        """Raise if the gateway or a child process died."""
-        self.gateway.check_alive()
+        """Raise if a gateway or a child process died."""
+        for gateway in self.gateways:
+            gateway.check_alive()
         for child, _ in self._children:
             if child.exitcode not in (None, 0):
                 raise BenchError(f"{child.name} exited with {child.exitcode}")
@@ -190,14 +223,23 @@ class Harness:
             await asyncio.sleep(0.05)
 
     def cpu_meter(self, children: dict[str, SpawnProcess]) -> CpuMeter:
-        """CPU clocks of the gateway, RabbitMQ and the given children."""
+        """CPU clocks of the gateways, RabbitMQ and the given children.
+
+        Gateway n is watched as `gateway_n`; `gateway` is their sum.
+        """
         watched: dict[str, psutil.Process] = {
-            "gateway": psutil.Process(self.gateway.pid)
+            gateway_key(n): psutil.Process(g.pid) for n, g in enumerate(self.gateways)
         }
+        members = list(watched)
         rabbitmq = find_rabbitmq()
         if rabbitmq is not None:
             watched["rabbitmq"] = rabbitmq
         for name, child in children.items():
             if child.pid is not None:
                 watched[name] = psutil.Process(child.pid)
-        return CpuMeter(watched)
+        return CpuMeter(watched, {"gateway": members})
+
+
+def gateway_key(n: int) -> str:
+    """The CPU meter's name for gateway `n`."""
+    return f"gateway_{n}"

@@ -13,7 +13,7 @@ import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
+import psutil  # type: ignore[import-untyped,unused-ignore]
 
 from bench.client import TASK_TYPE
 from bench.counters import Idle

@@ -49,9 +49,9 @@ async def run_latency(options: Options, workdir: Path) -> Section:
 
 def _specs(harness: Harness, total: int) -> tuple[WorkerSpec, StarterSpec]:
     options = harness.options
-    base_url = harness.gateway.base_url
+    base_urls = (harness.gateway.base_url,)
     workers = WorkerSpec(
-        base_url=base_url,
+        base_urls=base_urls,
         task_type=TASK_TYPE,
         workers=options.latency_workers,
         batch=options.batch,
@@ -60,7 +60,7 @@ def _specs(harness: Harness, total: int) -> tuple[WorkerSpec, StarterSpec]:
         record_latency=True,
     )
     starter = StarterSpec(
-        base_url=base_url,
+        base_urls=base_urls,
         workflow=WORKFLOW_NAME,
         concurrency=_START_CONCURRENCY,
         rate=options.latency_rate,

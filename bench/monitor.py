@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import psutil
+import psutil  # type: ignore[import-untyped,unused-ignore]
 
 SAMPLE_INTERVAL_S = 0.1
 MIB = 1024 * 1024
@@ -75,10 +75,21 @@ class CpuMark:
 
 
 class CpuMeter:
-    """CPU use of named processes, and of the whole machine, between marks."""
+    """CPU use of named processes, and of the whole machine, between marks.
 
-    def __init__(self, processes: Mapping[str, psutil.Process]) -> None:
+    Each of `groups` is also read as one process: the sum of its members'
+    clocks, present only when every member could be read.
+    """
+
+    def __init__(
+        self,
+        processes: Mapping[str, psutil.Process],
+        groups: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
         self._processes = dict(processes)
+        self._groups = {
+            name: tuple(members) for name, members in (groups or {}).items()
+        }
 
     def mark(self) -> CpuMark:
         """Read every clock now."""
@@ -89,6 +100,9 @@ class CpuMeter:
             except psutil.Error:
                 continue
             used[name] = times.user + times.system
+        for group, members in self._groups.items():
+            if all(member in used for member in members):
+                used[group] = sum(used[member] for member in members)
         machine = psutil.cpu_times()
         busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
         return CpuMark(time.monotonic(), used, busy)

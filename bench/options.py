@@ -21,6 +21,7 @@ class Options:
     seconds: float
     warmup: float
     workers: int
+    gateways: int
     batch: int
     poll_timeout_ms: int
     starters: int
@@ -70,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     add("--seconds", type=float, default=20.0, help="measured seconds per run")
     add("--warmup", type=float, default=3.0, help="seconds before measuring")
     add("--workers", type=int, default=8, help="workers in the worker process")
+    add(
+        "--gateways",
+        type=int,
+        default=1,
+        help="gateway processes for throughput and callback",
+    )
     add("--batch", type=int, default=10, help="tasks per batch poll")
     add("--poll-timeout", type=int, default=100, help="batch poll timeout, ms")
     add("--starters", type=int, default=32, help="workflow starts in flight")
@@ -93,6 +100,8 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     args = parser.parse_args(argv)
     if args.workers < 1 or args.batch < 1 or args.starters < 1:
         parser.error("--workers, --batch and --starters must be at least 1")
+    if args.gateways < 1:
+        parser.error("--gateways must be at least 1")
     if args.seconds <= 0 or args.latency_rate <= 0:
         parser.error("--seconds and --latency-rate must be positive")
     if not 0 <= args.callback_ratio <= 1:
@@ -108,6 +117,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         seconds=args.seconds,
         warmup=args.warmup,
         workers=args.workers,
+        gateways=args.gateways,
         batch=args.batch,
         poll_timeout_ms=args.poll_timeout,
         starters=args.starters,

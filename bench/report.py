@@ -80,8 +80,12 @@ def _detail_rows(name: str, rows: list[Any]) -> list[str]:
             lines.append(f"    {row}")
             continue
         share = row.get("share")
-        head = f"{share:5.1f}%  " if isinstance(share, float) else "  "
-        rest = "  ".join(str(v) for k, v in row.items() if k != "share")
+        if isinstance(share, float):
+            head = f"{share:5.1f}%  "
+            rest = "  ".join(str(v) for k, v in row.items() if k != "share")
+        else:
+            head = "  "
+            rest = "  ".join(f"{k}={v}" for k, v in row.items())
         lines.append(f"    {head}{rest}")
     return lines
 

@@ -9,6 +9,8 @@ workflows wait for the workers. Paced, it starts `total` workflows at
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import signal
 from dataclasses import dataclass
 from multiprocessing.queues import Queue
@@ -31,9 +33,9 @@ class StartReport:
 
 @dataclass(frozen=True, slots=True)
 class StarterSpec:
-    """What the starter process runs."""
+    """What the starter process runs; starts go round-robin over `base_urls`."""
 
-    base_url: str
+    base_urls: tuple[str, ...]
     workflow: str
     concurrency: int
     backlog: int = 0
@@ -56,8 +58,14 @@ def run_starter(
 async def _serve(spec: StarterSpec, counters: Counters, work: Counters) -> StartReport:
     ids: list[str] = []
     failures = FailureLog(counters, Start.ERRORS)
-    async with BatonClient(spec.base_url, connections=spec.concurrency) as client:
-        starter = _Starter(client, spec, counters, work, failures, ids)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                BatonClient(url, connections=spec.concurrency)
+            )
+            for url in spec.base_urls
+        ]
+        starter = _Starter(clients, spec, counters, work, failures, ids)
         counters.set(Start.READY, 1)
         if spec.rate > 0:
             await starter.paced()
@@ -70,14 +78,14 @@ async def _serve(spec: StarterSpec, counters: Counters, work: Counters) -> Start
 class _Starter:
     def __init__(
         self,
-        client: BatonClient,
+        clients: list[BatonClient],
         spec: StarterSpec,
         counters: Counters,
         work: Counters,
         failures: FailureLog,
         ids: list[str],
     ) -> None:
-        self._client = client
+        self._clients = itertools.cycle(clients)
         self._spec = spec
         self._counters = counters
         self._work = work
@@ -122,7 +130,7 @@ class _Starter:
 
     async def _start(self, n: int) -> None:
         try:
-            workflow_id = await self._client.start_workflow(
+            workflow_id = await next(self._clients).start_workflow(
                 self._spec.workflow, {"n": n}
             )
         except FAILURES as exc:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.client import FAILURES, TASK_TYPE, WORKFLOW_NAME, BatonClient
 from bench.counters import Start, Work
-from bench.harness import Harness, WaitTimeout
+from bench.harness import Harness, WaitTimeout, gateway_key
 from bench.monitor import MIB, CpuMark, CpuMeter
 from bench.options import Options
 from bench.profile import hot_spots, start_profile
@@ -58,13 +58,17 @@ class _Verdict:
 
 async def run_throughput(options: Options, workdir: Path) -> Section:
     """Every task completed at once: the headline throughput."""
-    async with Harness(options, "throughput", workdir) as harness:
+    async with Harness(
+        options, "throughput", workdir, gateways=options.gateways
+    ) as harness:
         return await _LoadRun(harness, callback=False).execute()
 
 
 async def run_callback(options: Options, workdir: Path) -> Section:
     """A share of first updates are IN_PROGRESS with a callback delay."""
-    async with Harness(options, "callback", workdir) as harness:
+    async with Harness(
+        options, "callback", workdir, gateways=options.gateways
+    ) as harness:
         return await _LoadRun(harness, callback=True).execute()
 
 
@@ -118,7 +122,7 @@ class _LoadRun:
     def _worker_spec(self) -> WorkerSpec:
         options = self._options
         return WorkerSpec(
-            base_url=self._harness.gateway.base_url,
+            base_urls=self._harness.base_urls,
             task_type=TASK_TYPE,
             workers=options.workers,
             batch=options.batch,
@@ -128,7 +132,7 @@ class _LoadRun:
 
     def _starter_spec(self) -> StarterSpec:
         return StarterSpec(
-            base_url=self._harness.gateway.base_url,
+            base_urls=self._harness.base_urls,
             workflow=WORKFLOW_NAME,
             concurrency=self._options.starters,
             backlog=self._options.backlog,
@@ -260,18 +264,40 @@ class _LoadRun:
     def _add_resources(
         self, section: Section, cpu: dict[str, float], executions: float
     ) -> None:
+        """Add CPU and memory figures; the gateways' are sums over all of them."""
+        gateways = self._harness.gateways
+        label = (
+            "gateway" if len(gateways) == 1 else f"gateways (sum of {len(gateways)})"
+        )
+        labels = {"gateway": label, "rabbitmq": "rabbitmq"}
         add = section.add
         for name in ("gateway", "rabbitmq", "workers", "starter"):
             if name in cpu:
-                add(f"cpu_{name}_pct", f"CPU {name} (100 = one core)", cpu[name], "%")
+                text = f"CPU {labels.get(name, name)} (100 = one core)"
+                add(f"cpu_{name}_pct", text, cpu[name], "%")
         add("cpu_machine_pct", "CPU machine (100 = all cores)", cpu["machine"], "%")
         for name in ("gateway", "rabbitmq"):
             if name in cpu and executions:
                 per_task = 10 * cpu[name] / executions
-                add(f"cpu_ms_{name}", f"{name} CPU per execution", per_task, "ms")
-        monitor = self._harness.gateway.monitor
-        peak = monitor.peak_rss / MIB if monitor else 0.0
-        add("gateway_peak_rss_mib", "gateway peak RSS", peak, "MiB")
+                add(
+                    f"cpu_ms_{name}",
+                    f"{labels[name]} CPU per execution",
+                    per_task,
+                    "ms",
+                )
+        peaks = [g.monitor.peak_rss / MIB if g.monitor else 0.0 for g in gateways]
+        rss_label = "gateway peak RSS" if len(gateways) == 1 else f"{label} peak RSS"
+        add("gateway_peak_rss_mib", rss_label, sum(peaks), "MiB")
+        section.details["gateways"] = [
+            {
+                "gateway": g.name,
+                "port": g.port,
+                "scheduler": g.run_scheduler,
+                "cpu_pct": round(cpu.get(gateway_key(n), 0.0), 1),
+                "peak_rss_mib": round(peak, 1),
+            }
+            for n, (g, peak) in enumerate(zip(gateways, peaks, strict=True))
+        ]
 
     @staticmethod
     def _add_verdict(section: Section, verdict: _Verdict) -> None:

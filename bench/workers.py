@@ -9,6 +9,7 @@ as the Conductor SDKs do. Figures go to shared counters; latency samples
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 from dataclasses import dataclass
@@ -35,9 +36,12 @@ class WorkerReport:
 
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
-    """What the worker process runs."""
+    """What the worker process runs.
 
-    base_url: str
+    Worker i polls and reports to gateway `base_urls[i % len(base_urls)]`.
+    """
+
+    base_urls: tuple[str, ...]
     task_type: str
     workers: int
     batch: int
@@ -60,10 +64,19 @@ def run_workers(
 async def _serve(spec: WorkerSpec, counters: Counters) -> WorkerReport:
     samples: list[LatencySample] = []
     failures = FailureLog(counters, Work.ERRORS)
-    async with BatonClient(spec.base_url, connections=spec.workers * 2) as client:
+    gateways = len(spec.base_urls)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                BatonClient(url, connections=2 * _share(spec.workers, gateways, g))
+            )
+            for g, url in enumerate(spec.base_urls)
+        ]
         workers = [
             asyncio.create_task(
-                _Worker(client, spec, counters, failures, n, samples).run()
+                _Worker(
+                    clients[n % gateways], spec, counters, failures, n, samples
+                ).run()
             )
             for n in range(spec.workers)
         ]
@@ -71,6 +84,11 @@ async def _serve(spec: WorkerSpec, counters: Counters) -> WorkerReport:
         await wait_for_stop(counters, Work.STOP)
         await finish(workers, STOP_GRACE_S)
     return WorkerReport(samples, failures.reasons)
+
+
+def _share(workers: int, gateways: int, gateway: int) -> int:
+    """How many of `workers` use `gateway` when worker i uses i mod `gateways`."""
+    return max(1, len(range(gateway, workers, gateways)))
 
 
 async def wait_for_stop(counters: Counters, slot: int) -> None:
