@@ -61,6 +61,10 @@ async def test_workflow_definition_versions_and_overwrite(baton: Baton) -> None:
     assert status == 200
     assert bulk["bulkSuccessfulResults"] == [name]
 
+    status, listed = await baton.request("GET", "/metadata/workflow")
+    assert status == 200
+    assert sorted(d["version"] for d in listed if d["name"] == name) == [1, 2]
+
     status, latest = await baton.request("GET", f"/metadata/workflow/{name}")
     assert (status, latest["version"], latest["description"]) == (200, 2, "two")
     status, older = await baton.request(

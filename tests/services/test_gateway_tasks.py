@@ -389,3 +389,19 @@ async def test_unregistered_task_runs_with_conductor_defaults(baton: Baton) -> N
     task = await baton.poll_until(task_type)
     assert task["responseTimeoutSeconds"] == 3600
     assert task["workflowTask"]["taskDefinition"]["retryCount"] == 3
+
+
+async def test_single_poll_hands_out_one_task(baton: Baton) -> None:
+    task_type = unique("single")
+    name = unique("wf")
+    await baton.register_workflow(name, [task_type])
+    workflow_id = await baton.start(name)
+
+    status, task = await baton.request(
+        "GET", f"/tasks/poll/{task_type}", params={"workerid": "solo"}
+    )
+    assert status == 200
+    assert task["workflowInstanceId"] == workflow_id
+    assert (task["status"], task["workerId"]) == ("IN_PROGRESS", "solo")
+    status, body = await baton.request("GET", f"/tasks/poll/{task_type}")
+    assert (status, body) == (204, "")
