@@ -30,6 +30,7 @@ from shared.definitions import DefinitionCache, validate_workflow_def
 from shared.errors import BadRequest, BrokerError, Conflict, NotFound
 from shared.expressions import referenced_tasks, resolve
 from shared.interfaces import Broker, Store, TaskMessage, VersionedTask
+from shared.metrics import METRICS
 from shared.models import (
     PENDING_TASK_STATUSES,
     TERMINAL_TASK_STATUSES,
@@ -543,6 +544,7 @@ class Engine:
         task_def: TaskDef,
     ) -> None:
         delay = retry_delay(task_def, task.retryCount)
+        METRICS.retries.labels(task_type=task.taskType).inc()
         await self._schedule(
             workflow,
             definition,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import msgspec
@@ -43,6 +44,10 @@ class TaskMessage(msgspec.Struct, array_like=True, frozen=True):
     generation of the task state it guards (see `shared.timers`). Timers
     armed together travel as one message whose `batch` lists
     `(task_id, generation)` pairs.
+
+    `trace` is the W3C `traceparent` of the span that published the
+    message, empty when tracing is off; it lets the poll that hands the
+    task out link back to that span (see `shared.adapters.traced`).
     """
 
     task_id: str
@@ -50,6 +55,7 @@ class TaskMessage(msgspec.Struct, array_like=True, frozen=True):
     message_id: str
     kind: str = ""
     batch: tuple[tuple[str, int], ...] = ()
+    trace: str = ""
 
     @classmethod
     def for_task(cls, task_id: str, version: int, kind: str = "") -> TaskMessage:
@@ -70,15 +76,22 @@ class QueueStats(NamedTuple):
     unacked: int
 
 
+NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+"""The headers of a message published without any."""
+
+
 class Delivery(ABC):
     """A message handed to a consumer, to be settled exactly once.
 
     Settling twice, or after the channel it came on is gone, does nothing:
     the broker has already returned or will return the message itself.
+    `headers` are those the message was published with (string values
+    only; broker-added headers such as `x-death` are not included).
     """
 
     message: TaskMessage
     redelivered: bool
+    headers: Mapping[str, str] = NO_HEADERS
 
     @abstractmethod
     async def ack(self) -> None:
@@ -134,11 +147,14 @@ class Broker(ABC):
         queue: str,
         messages: Sequence[TaskMessage],
         delay_seconds: int = 0,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         """Publish messages durably; return once the broker confirmed all.
 
         With `delay_seconds` > 0 the messages reach the queue that many
-        seconds later (1-second resolution). Raises BrokerError.
+        seconds later (1-second resolution). `headers` travel with every
+        message, through delays and redeliveries, and come back as
+        `Delivery.headers`. Raises BrokerError.
         """
 
     @abstractmethod

@@ -1,13 +1,22 @@
-"""Builds the backends a service runs on, from its settings."""
+"""Builds the backends a service runs on, from its settings.
+
+When tracing is on (see `shared.telemetry`), the store and the broker are
+wrapped in the tracing decorators of `shared.adapters.traced`; when it is
+off they are used as they are.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+
+from opentelemetry.trace import TracerProvider
 
 from shared.config import Settings
 from shared.engine import Engine
 from shared.interfaces import Broker, Store
 from shared.polldata import PollRecorder
+from shared.telemetry import setup_tracing
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +47,54 @@ def create_broker(settings: Settings) -> Broker:
     return MemoryBroker()
 
 
+def traced_backends(
+    store: Store, broker: Broker, provider: TracerProvider
+) -> tuple[Store, Broker]:
+    """Wrap a store and a broker so that they trace into `provider`."""
+    from shared.adapters.memory_broker import MemoryBroker
+    from shared.adapters.sqlite_store import SQLiteStore
+    from shared.adapters.traced import TracedBroker, TracedStore
+
+    messaging = "baton.memory" if isinstance(broker, MemoryBroker) else "rabbitmq"
+    database = "sqlite" if isinstance(store, SQLiteStore) else "mongodb"
+    return (
+        TracedStore(store, provider, db_system=database, messaging_system=messaging),
+        TracedBroker(broker, provider, messaging_system=messaging),
+    )
+
+
 class Runtime:
-    """A store, a broker and the engine over them, started and stopped together."""
+    """A store, a broker and the engine over them, started and stopped together.
+
+    `tracer_provider` turns tracing on with that provider; when None,
+    `setup_tracing(service_name)` decides from the environment, and with
+    tracing off the backends are not wrapped at all.
+    """
 
     def __init__(
         self,
         settings: Settings,
         store: Store | None = None,
         broker: Broker | None = None,
+        *,
+        service_name: str = "baton",
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.settings = settings
-        self.store = store or create_store(settings)
-        self.broker = broker or create_broker(settings)
+        self.tracer_provider = tracer_provider or setup_tracing(service_name)
+        store = store or create_store(settings)
+        broker = broker or create_broker(settings)
+        if self.tracer_provider is not None:
+            store, broker = traced_backends(store, broker, self.tracer_provider)
+        self.store = store
+        self.broker = broker
         self.polls = PollRecorder(self.store, settings.poll_data_flush_ms)
         self.engine = Engine(self.store, self.broker, self.polls, settings)
+
+    @property
+    def tracing(self) -> bool:
+        """True when the backends are traced."""
+        return self.tracer_provider is not None
 
     @property
     def embedded_broker(self) -> bool:
@@ -75,3 +118,6 @@ class Runtime:
         await self.engine.timers.close()
         await self.broker.close()
         await self.store.close()
+        flush = getattr(self.tracer_provider, "force_flush", None)
+        if flush is not None:
+            await asyncio.to_thread(flush)

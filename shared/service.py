@@ -10,10 +10,12 @@ from collections.abc import Coroutine
 from typing import Any
 
 import msgspec
+from opentelemetry import trace
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message."""
+    """One JSON object per line: time, level, logger, message, and the
+    trace id and task id (`extra={"task_id": ...}`) where there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -22,6 +24,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            entry["trace_id"] = format(context.trace_id, "032x")
+        task_id = getattr(record, "task_id", None)
+        if task_id:
+            entry["task_id"] = task_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return msgspec.json.encode(entry).decode()

@@ -37,6 +37,7 @@ import msgspec
 
 from shared.clock import now_ms
 from shared.interfaces import TIMER_QUEUE, TaskMessage
+from shared.metrics import METRICS
 from shared.models import PENDING_TASK_STATUSES, Task, TaskDef
 
 if TYPE_CHECKING:
@@ -194,6 +195,7 @@ class Timers:
             f"responseTimeoutSeconds: {task.responseTimeoutSeconds} exceeded "
             "without an update from the worker"
         )
+        METRICS.timeouts.labels(kind="response").inc()
         await self._time_out(task, version, reason, now, retry=True)
 
     async def _timeout(
@@ -207,6 +209,7 @@ class Timers:
             await self._rearm(message, _seconds_until(due, now))
             return
         reason = f"Task timed out after {limit} seconds (timeoutSeconds: {limit})"
+        METRICS.timeouts.labels(kind="timeout").inc()
         await self._apply_policy(task, version, reason, now)
 
     async def _poll(
@@ -223,6 +226,7 @@ class Timers:
             await self._rearm(message, _seconds_until(due, now))
             return
         reason = f"Task was not polled within pollTimeoutSeconds: {limit}"
+        METRICS.timeouts.labels(kind="poll").inc()
         await self._apply_policy(task, version, reason, now)
 
     async def _ack(
@@ -237,7 +241,12 @@ class Timers:
             expected_version=version,
         )
         if back is not None:
-            log.info("task %s not acked in time, returned to its queue", task.taskId)
+            METRICS.timeouts.labels(kind="ack").inc()
+            log.info(
+                "task %s not acked in time, returned to its queue",
+                task.taskId,
+                extra={"task_id": task.taskId},
+            )
             await self._engine.publish([back.task], back.version, 0)
 
     # Outcomes.
@@ -265,7 +274,9 @@ class Timers:
         )
         if timed_out is None:
             return
-        log.info("task %s timed out: %s", task.taskId, reason)
+        log.info(
+            "task %s timed out: %s", task.taskId, reason, extra={"task_id": task.taskId}
+        )
         if retry:
             await self._engine.decide(timed_out.task)
         else:

@@ -1,4 +1,5 @@
-"""The gateway's aiohttp application: routes, error handling, health."""
+"""The gateway's aiohttp application: routes, error handling, health,
+readiness and metrics."""
 
 from __future__ import annotations
 
@@ -14,10 +15,18 @@ from services.gateway.context import CONTEXT, Context
 from services.gateway.dispatch import Dispatchers
 from services.gateway.http import json_response
 from services.gateway.poller import Poller
-from services.health import add_health_routes
+from services.health import (
+    OPERATIONS,
+    Readiness,
+    add_health_routes,
+    timed,
+    unavailable,
+)
 from shared.errors import BatonError
+from shared.metrics import Metrics
 from shared.models import ErrorResponse, ValidationError
 from shared.runtime import Runtime
+from shared.telemetry import tracing_middleware
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +83,69 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error_response(exc.status, exc.reason, code=exc.reason.upper())
     except (ConnectionError, asyncio.CancelledError):
         raise
-    except Exception:
+    except Exception as exc:
+        if _backend_failure(exc):
+            log.warning("%s %s: backend failed: %r", request.method, request.path, exc)
+            return error_response(
+                503,
+                f"a backend is unavailable: {type(exc).__name__}",
+                code="UNAVAILABLE",
+                retryable=True,
+            )
         log.exception("%s %s failed", request.method, request.path)
         return error_response(500, "internal error", code="INTERNAL")
 
 
-def build_app(runtime: Runtime) -> web.Application:
-    """Create the gateway application over started backends."""
+_ADAPTER_PACKAGES = frozenset({"pymongo", "aio_pika", "aiormq", "pamqp", "sqlite3"})
+
+
+def _backend_failure(exc: Exception) -> bool:
+    """True for a broker or store failure an adapter let through untranslated
+    (a driver's own exception, a socket error or a timeout)."""
+    if isinstance(exc, OSError | TimeoutError):
+        return True
+    return type(exc).__module__.partition(".")[0] in _ADAPTER_PACKAGES
+
+
+_POLL_PREFIX = "/api/tasks/poll/"
+
+
+@web.middleware
+async def refuse_polls_when_draining(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    """Answer polls with 503 once the gateway shuts down, so that workers
+    take their next poll to another replica instead of waiting here."""
+    if request.app[OPERATIONS].readiness.draining and request.path.startswith(
+        _POLL_PREFIX
+    ):
+        return unavailable("the gateway is shutting down; poll another replica")
+    return await handler(request)
+
+
+def build_app(
+    runtime: Runtime,
+    *,
+    readiness: Readiness | None = None,
+    metrics: Metrics | None = None,
+) -> web.Application:
+    """Create the gateway application over started backends.
+
+    `readiness` (default: ready) is what `/ready` reports besides the
+    backends; `metrics` defaults to the process's metrics.
+    """
     settings = runtime.settings
     dispatchers = Dispatchers(
         runtime.broker, settings.prefetch, settings.consumer_linger_ms
     )
     app = web.Application(
-        middlewares=[errors_as_json], client_max_size=settings.max_body_bytes
+        middlewares=[
+            tracing_middleware(runtime.tracer_provider),
+            timed,
+            errors_as_json,
+            refuse_polls_when_draining,
+        ],
+        client_max_size=settings.max_body_bytes,
     )
     app[CONTEXT] = Context(
         settings=settings,
@@ -97,7 +156,13 @@ def build_app(runtime: Runtime) -> web.Application:
         dispatchers=dispatchers,
         poller=Poller(runtime.engine, dispatchers, runtime.polls),
     )
-    add_health_routes(app, runtime)
+    add_health_routes(
+        app,
+        runtime,
+        readiness=readiness,
+        metrics_=metrics,
+        waiting_polls=lambda: dispatchers.waiting,
+    )
     app.add_routes(tasks.routes)
     app.add_routes(metadata.routes)
     app.add_routes(workflows.routes)
@@ -106,4 +171,6 @@ def build_app(runtime: Runtime) -> web.Application:
 
 
 async def _release_polls(app: web.Application) -> None:
+    """Stop taking polls, then answer the waiting ones empty."""
+    app[OPERATIONS].readiness.draining = True
     await app[CONTEXT].dispatchers.close()

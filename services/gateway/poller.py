@@ -20,6 +20,7 @@ from shared.clock import now_ms
 from shared.engine import Engine
 from shared.errors import BatonError
 from shared.interfaces import Delivery
+from shared.metrics import METRICS
 from shared.models import Task
 from shared.polldata import PollRecorder
 from shared.queues import queue_name
@@ -62,6 +63,7 @@ class Poller:
 
         while True:
             deliveries = await dispatcher.take(count, max(0.0, deadline - loop.time()))
+            METRICS.taken(task_type, deliveries)
             if not deliveries:
                 return [], []
             if _gone(request):

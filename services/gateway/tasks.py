@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any, cast
 
 import msgspec
@@ -22,6 +23,7 @@ from services.gateway.http import (
 )
 from services.gateway.poller import answer
 from shared.errors import BadRequest
+from shared.metrics import METRICS
 from shared.models import ResultStatus, TaskResult
 from shared.queues import check_name, queue_name
 
@@ -44,9 +46,11 @@ async def poll_batch(request: web.Request) -> web.StreamResponse:
     timeout = query_int(
         request, "timeout", 100, minimum=0, maximum=ctx.settings.max_poll_timeout_ms
     )
+    started = time.monotonic()
     tasks, deliveries = await ctx.poller.poll(
         request, task_type, domain, worker_id, count, timeout
     )
+    METRICS.poll_answered(task_type, len(tasks), time.monotonic() - started)
     return await answer(request, json_response(tasks), deliveries)
 
 
@@ -66,9 +70,11 @@ async def _poll_single(
     domain: str | None,
     worker_id: str | None,
 ) -> web.StreamResponse:
+    started = time.monotonic()
     tasks, deliveries = await ctx.poller.poll(
         request, task_type, domain, worker_id, 1, SINGLE_POLL_TIMEOUT_MS
     )
+    METRICS.poll_answered(task_type, len(tasks), time.monotonic() - started)
     if not tasks:
         return web.Response(status=NO_CONTENT)
     return await answer(request, json_response(tasks[0]), deliveries)
@@ -77,6 +83,7 @@ async def _poll_single(
 @routes.post("/api/tasks")
 async def update_v1(request: web.Request) -> web.StreamResponse:
     result = await decode_body(request, TaskResult)
+    METRICS.updates.labels(status=result.status).inc()
     task = await context(request).engine.update_task(result)
     return text_response(task.taskId)
 
@@ -85,6 +92,7 @@ async def update_v1(request: web.Request) -> web.StreamResponse:
 async def update_v2(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
     result = await decode_body(request, TaskResult)
+    METRICS.updates.labels(status=result.status).inc()
     task = await ctx.engine.update_task(result)
     if not task.terminal or result.extendLease:
         return web.Response(status=NO_CONTENT)
@@ -103,6 +111,7 @@ async def update_by_reference(request: web.Request) -> web.StreamResponse:
             invalid_value=status,
         )
     output = await decode_body(request, _OutputMap)
+    METRICS.updates.labels(status=status).inc()
     task_id = await context(request).engine.update_task_by_ref(
         request.match_info["workflowId"],
         request.match_info["taskRefName"],

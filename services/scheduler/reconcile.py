@@ -25,6 +25,7 @@ from typing import NamedTuple
 from shared.clock import now_ms
 from shared.engine import due_time, task_queue
 from shared.interfaces import TaskMessage, VersionedTask
+from shared.metrics import METRICS
 from shared.runtime import Runtime
 from shared.timers import RESPONSE
 
@@ -75,6 +76,7 @@ class Reconciler:
             if stats.ready + stats.unacked < len(entries):
                 await self._engine.republish(entries)
                 republished += len(entries)
+                METRICS.reconciled.inc(len(entries))
         return republished
 
     async def _lost_timers(self, cutoff: int) -> int:

@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 from shared.errors import BrokerError
 from shared.interfaces import (
+    NO_HEADERS,
     Broker,
     Delivery,
     DeliveryCallback,
@@ -27,6 +29,10 @@ from shared.interfaces import (
 )
 
 log = logging.getLogger(__name__)
+
+
+_Entry = tuple[TaskMessage, bool, Mapping[str, str]]
+"""A ready message, whether it was delivered before, and its headers."""
 
 
 class _Queue:
@@ -43,7 +49,7 @@ class _Queue:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.ready: deque[tuple[TaskMessage, bool]] = deque()
+        self.ready: deque[_Entry] = deque()
         # Subscriptions with room for another delivery, in round-robin order.
         self.ring: deque[_MemorySubscription] = deque()
         # Live subscriptions, and cancelled ones still holding deliveries.
@@ -55,7 +61,7 @@ class _Queue:
 class _MemoryDelivery(Delivery):
     """A message handed to one subscription."""
 
-    __slots__ = ("_broker", "_subscription", "settled")
+    __slots__ = ("_broker", "_subscription", "headers", "settled")
 
     def __init__(
         self,
@@ -63,9 +69,11 @@ class _MemoryDelivery(Delivery):
         subscription: _MemorySubscription,
         message: TaskMessage,
         redelivered: bool,
+        headers: Mapping[str, str],
     ) -> None:
         self.message = message
         self.redelivered = redelivered
+        self.headers = headers
         self._broker = broker
         self._subscription = subscription
         self.settled = False
@@ -149,17 +157,20 @@ class MemoryBroker(Broker):
             timer.cancel()
         self._timers.clear()
         for queue in self._queues.values():
-            returned: list[TaskMessage] = []
+            returned: list[_MemoryDelivery] = []
             for subscription in queue.subscriptions:
                 subscription.cancelled = True
                 subscription.in_ring = False
                 for delivery in subscription.outstanding:
                     delivery.settled = True
-                    returned.append(delivery.message)
+                    returned.append(delivery)
                 subscription.outstanding.clear()
             queue.subscriptions.clear()
             queue.ring.clear()
-            queue.ready.extendleft((message, True) for message in reversed(returned))
+            queue.ready.extendleft(
+                (delivery.message, True, delivery.headers)
+                for delivery in reversed(returned)
+            )
             queue.unsettled = 0
             queue.dispatch_scheduled = False
 
@@ -189,6 +200,7 @@ class MemoryBroker(Broker):
         queue: str,
         messages: Sequence[TaskMessage],
         delay_seconds: int = 0,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         """Append messages to the queue, now or after `delay_seconds`."""
         if not 0 <= delay_seconds <= self._max_delay:
@@ -201,23 +213,33 @@ class MemoryBroker(Broker):
         if not messages:
             return
         batch = tuple(messages)
+        kept = MappingProxyType(dict(headers)) if headers else NO_HEADERS
         if delay_seconds:
             key = self._next_timer
             self._next_timer += 1
             self._timers[key] = loop.call_later(
-                delay_seconds, self._deliver_later, key, target, batch
+                delay_seconds, self._deliver_later, key, target, batch, kept
             )
         else:
-            self._enqueue(target, batch)
+            self._enqueue(target, batch, kept)
 
     def _deliver_later(
-        self, key: int, queue: _Queue, batch: tuple[TaskMessage, ...]
+        self,
+        key: int,
+        queue: _Queue,
+        batch: tuple[TaskMessage, ...],
+        headers: Mapping[str, str],
     ) -> None:
         self._timers.pop(key, None)
-        self._enqueue(queue, batch)
+        self._enqueue(queue, batch, headers)
 
-    def _enqueue(self, queue: _Queue, batch: tuple[TaskMessage, ...]) -> None:
-        queue.ready.extend((message, False) for message in batch)
+    def _enqueue(
+        self,
+        queue: _Queue,
+        batch: tuple[TaskMessage, ...],
+        headers: Mapping[str, str],
+    ) -> None:
+        queue.ready.extend((message, False, headers) for message in batch)
         self._schedule(queue)
 
     async def subscribe(
@@ -256,7 +278,7 @@ class MemoryBroker(Broker):
         queue = subscription.queue
         queue.unsettled -= 1
         if requeue:
-            queue.ready.appendleft((delivery.message, True))
+            queue.ready.appendleft((delivery.message, True, delivery.headers))
         if subscription.cancelled:
             if not subscription.outstanding:
                 queue.subscriptions.discard(subscription)
@@ -289,8 +311,10 @@ class MemoryBroker(Broker):
                     queue.subscriptions.discard(subscription)
                 continue
             budget -= 1
-            message, redelivered = queue.ready.popleft()
-            delivery = _MemoryDelivery(self, subscription, message, redelivered)
+            message, redelivered, headers = queue.ready.popleft()
+            delivery = _MemoryDelivery(
+                self, subscription, message, redelivered, headers
+            )
             subscription.outstanding.add(delivery)
             queue.unsettled += 1
             if subscription.has_room():

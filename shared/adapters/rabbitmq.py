@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import aio_pika
@@ -34,6 +35,7 @@ from aio_pika.exceptions import ChannelInvalidStateError, ChannelNotFoundEntity
 
 from shared.errors import BrokerError
 from shared.interfaces import (
+    NO_HEADERS,
     SWEEP_QUEUE,
     Broker,
     Delivery,
@@ -57,6 +59,27 @@ _PREFIX = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
 
 _decoder = msgspec.json.Decoder(TaskMessage)
 _encoder = msgspec.json.Encoder()
+
+
+def _string_headers(incoming: AbstractIncomingMessage) -> Mapping[str, str]:
+    """The string-valued headers a message was published with.
+
+    RabbitMQ's own headers (`x-death`, `x-first-death-*` and the like,
+    added when a message is dead-lettered through the delay ladder) are
+    left out, as are values that are not strings.
+    """
+    raw = incoming.headers
+    if not raw:
+        return NO_HEADERS
+    kept: dict[str, str] = {}
+    for name, value in raw.items():
+        if name.startswith("x-"):
+            continue
+        if isinstance(value, bytes):
+            kept[name] = value.decode("utf-8", "replace")
+        elif isinstance(value, str):
+            kept[name] = value
+    return MappingProxyType(kept) if kept else NO_HEADERS
 
 
 def delay_routing_key(delay_seconds: int, destination: str, levels: int) -> str:
@@ -86,6 +109,7 @@ class _RabbitDelivery(Delivery):
     ) -> None:
         self.message = message
         self.redelivered = bool(incoming.redelivered)
+        self.headers = _string_headers(incoming)
         self._subscription = subscription
         self._incoming = incoming
         self._channel = channel
@@ -496,10 +520,12 @@ class RabbitMQBroker(Broker):
         queue: str,
         messages: Sequence[TaskMessage],
         delay_seconds: int = 0,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         """Publish persistent messages concurrently; wait for every confirm.
 
-        With `delay_seconds` > 0 the messages enter the delay ladder.
+        With `delay_seconds` > 0 the messages enter the delay ladder;
+        `headers` become AMQP message headers, which dead-lettering keeps.
         Raises ValueError for a delay of 2**delay_levels seconds or more and
         BrokerError if RabbitMQ refuses, cannot route or does not confirm.
         """
@@ -517,6 +543,7 @@ class RabbitMQBroker(Broker):
             return
         await self.declare(queue)
         channel = self._require_publisher()
+        amqp_headers: dict[str, Any] | None = dict(headers) if headers else None
         if not delay_seconds:
             exchange = channel.default_exchange
         elif self._tier_exchanges:
@@ -532,6 +559,7 @@ class RabbitMQBroker(Broker):
                         _encoder.encode(message),
                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                         content_type="application/json",
+                        headers=amqp_headers,
                     ),
                     routing_key,
                     mandatory=True,

@@ -75,6 +75,10 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "unknown-key": ({"gatway": {"replicas": 2}}, r"additional properties 'gatway'"),
     "keda-target": ({"keda": {"target": "worker"}}, r"/keda/target"),
+    "monitor-interval": (
+        {"metrics": {"serviceMonitor": {"interval": "often"}}},
+        r"/metrics/serviceMonitor/interval",
+    ),
 }
 
 # Values the schema accepts but the templates refuse, with their message.
@@ -238,8 +242,8 @@ def test_values_pass_the_chart_schema(scenario: str) -> None:
 def test_manifests_match_kubernetes_schemas(scenario: str) -> None:
     checked = 0
     for doc in manifests(scenario):
-        if doc["apiVersion"].startswith("keda.sh/"):
-            continue  # a CRD: shape asserted in the KEDA tests
+        if doc["apiVersion"].startswith(("keda.sh/", "monitoring.coreos.com/")):
+            continue  # a CRD: shape asserted in the KEDA and monitor tests
         for version in KUBE_VERSIONS:
             kubernetes_validate.validate(doc, version, strict=True)
         checked += 1
@@ -265,7 +269,7 @@ def test_recommended_labels_everywhere(scenario: str) -> None:
         assert selector.items() <= pod_labels.items()
 
 
-def test_no_servicemonitor_or_invented_endpoints() -> None:
+def test_defaults_render_core_kinds_and_only_served_endpoints() -> None:
     kinds = {doc["kind"] for doc in manifests("default")}
     assert kinds == {
         "ConfigMap",
@@ -277,7 +281,8 @@ def test_no_servicemonitor_or_invented_endpoints() -> None:
     }
     for scenario in ALL_RENDERS:
         text = json.dumps(manifests(scenario))
-        assert "/metrics" not in text and "/ready" not in text
+        paths = set(re.findall(r'"path": "([^"]*)"', text))
+        assert paths <= {"/health", "/ready", "/metrics"}, paths
 
 
 @pytest.mark.parametrize("name", sorted(BAD_VALUES))
@@ -307,7 +312,9 @@ def test_templates_refuse_inconsistent_values(name: str) -> None:
 
 @pytest.mark.parametrize("scenario", ALL_RENDERS)
 @pytest.mark.parametrize("component", COMPONENTS)
-def test_probes_hit_health_on_the_service_port(scenario: str, component: str) -> None:
+def test_probes_hit_health_and_ready_on_the_service_port(
+    scenario: str, component: str
+) -> None:
     main = container(scenario, component)
     ports = {p["name"]: p["containerPort"] for p in main["ports"]}
     assert list(ports.values()) == [PORTS[component]]
@@ -315,12 +322,17 @@ def test_probes_hit_health_on_the_service_port(scenario: str, component: str) ->
     assert env_of(scenario, component)[port_env]["value"] == str(PORTS[component])
     module = f"services.{component}"
     assert main["command"] == ["python", "-m", module]
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+    paths = {
+        "startupProbe": "/health",
+        "livenessProbe": "/health",
+        "readinessProbe": "/ready",
+    }
+    for probe, path in paths.items():
         get = main[probe]["httpGet"]
-        assert get["path"] == "/health"
+        assert get["path"] == path
         port = get["port"]
         assert ports.get(port, port) == PORTS[component]
-        # /health waits up to 5 s for RabbitMQ and MongoDB itself.
+        # /ready waits up to 5 s for RabbitMQ and MongoDB itself.
         assert main[probe]["timeoutSeconds"] > 5
 
 
@@ -497,3 +509,29 @@ def test_keda_can_scale_the_scheduler_on_a_named_queue() -> None:
     assert trigger["metadata"]["queueName"] == "x.task.y"
     assert "replicas" not in deployment("keda-scheduler", "scheduler")["spec"]
     assert deployment("keda-scheduler", "gateway")["spec"]["replicas"] == 2
+
+
+def test_monitors_scrape_metrics_on_each_service_port() -> None:
+    scenario = "servicemonitor-values"
+    (service_monitor,) = objects(scenario, "ServiceMonitor").values()
+    (pod_monitor,) = objects(scenario, "PodMonitor").values()
+    (service,) = objects(scenario, "Service").values()
+    deployments = objects(scenario, "Deployment")
+
+    assert service_monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert (
+        service_monitor["spec"]["selector"]["matchLabels"].items()
+        <= service["metadata"]["labels"].items()
+    )
+    assert service_monitor["spec"]["endpoints"] == [
+        {"port": "http", "path": "/metrics", "interval": "15s"}
+    ]
+    scheduler = deployments[name_of("scheduler")]
+    pod_labels = scheduler["spec"]["template"]["metadata"]["labels"]
+    assert pod_monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    [endpoint] = pod_monitor["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+    ports = scheduler["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert any(p["name"] == "http" for p in ports)
+    assert objects("default", "ServiceMonitor") == {}
+    assert objects("default", "PodMonitor") == {}

@@ -183,7 +183,7 @@ spec:
             {{- toYaml $root.Values.probes.liveness | nindent 12 }}
           readinessProbe:
             httpGet:
-              path: /health
+              path: /ready
               port: http
             {{- toYaml $root.Values.probes.readiness | nindent 12 }}
           resources:
