@@ -27,7 +27,13 @@ from msgspec import UNSET
 from shared.clock import now_ms
 from shared.config import Settings
 from shared.definitions import DefinitionCache, validate_workflow_def
-from shared.errors import BadRequest, BrokerError, Conflict, NotFound
+from shared.errors import (
+    BadRequest,
+    BrokerError,
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+)
 from shared.expressions import referenced_tasks, resolve
 from shared.interfaces import Broker, Store, TaskMessage, VersionedTask
 from shared.metrics import METRICS
@@ -46,13 +52,14 @@ from shared.models import (
     WorkflowTask,
 )
 from shared.polldata import PollRecorder
-from shared.queues import check_name, queue_name
+from shared.queues import check_domains, queue_name
 from shared.timers import Timers
 
 log = logging.getLogger(__name__)
 
 MAX_DELAY_SECONDS = 2**22 - 1
 MAX_REASON_LENGTH = 500
+_encode = msgspec.json.Encoder().encode
 _TASK_ID_NAMESPACE = uuid.UUID("5f0c6f1e-9a1b-4d5e-8c2f-ba70e1d2c3b4")
 _NOT_RETRIABLE = frozenset({"FAILED_WITH_TERMINAL_ERROR", "CANCELED"})
 
@@ -105,8 +112,10 @@ class Engine:
     async def start_workflow(self, request: StartWorkflowRequest) -> str:
         """Start a workflow and schedule its first task; return its id.
 
-        Raises NotFound for an unknown definition, BadRequest for bad input.
+        Raises NotFound for an unknown definition, BadRequest for bad input,
+        PayloadTooLarge for an input over the configured size.
         """
+        self._check_payload(request.input, "input")
         definition = request.workflowDef
         if definition is not None:
             validate_workflow_def(definition)
@@ -116,9 +125,7 @@ class Engine:
             )
         task_to_domain = request.taskToDomain or {}
         for task_type, domains in task_to_domain.items():
-            for domain in domains.split(","):
-                if domain.strip():
-                    check_name(domain.strip(), f"taskToDomain.{task_type}")
+            check_domains(domains, f"taskToDomain.{task_type}")
 
         now = now_ms()
         workflow = Workflow(
@@ -211,8 +218,9 @@ class Engine:
         """Apply a worker's result; return the task as it now stands.
 
         An update to a task that has already ended changes nothing.
-        Raises BadRequest for an invalid result, NotFound for an unknown
-        task.
+        Raises BadRequest for an invalid result, PayloadTooLarge for an
+        output or a log line over its limit, NotFound for an unknown task;
+        a rejected result changes nothing.
         """
         task_id = self._check_result(result)
         now = now_ms()
@@ -256,8 +264,10 @@ class Engine:
         """Complete the pending task `reference` of a workflow by name.
 
         Returns its task id, or None when no such task is pending.
-        Raises NotFound for an unknown workflow.
+        Raises PayloadTooLarge for an output over the configured size,
+        NotFound for an unknown workflow.
         """
+        self._check_payload(output, "outputData")
         if await self.store.get_workflow(workflow_id) is None:
             raise NotFound(f"No such workflow found by id: {workflow_id}")
         pending = [
@@ -281,10 +291,15 @@ class Engine:
         return task.taskId
 
     async def add_log(self, task_id: str, line: str) -> None:
-        """Append a log line to a task. Raises NotFound."""
+        """Append a log line to a task, dropping its oldest lines beyond
+        the configured count. Raises PayloadTooLarge for a line over the
+        configured size, NotFound for an unknown task."""
+        self._check_log(line, "log")
         await self.get_task(task_id)
         entry = TaskExecLog(log=line, taskId=task_id, createdTime=now_ms())
-        await self.store.add_logs(task_id, [entry])
+        await self.store.add_logs(
+            task_id, [entry], keep=self.settings.max_logs_per_task
+        )
 
     async def requeue(self, task_type: str) -> int:
         """Re-publish every SCHEDULED task of a type with its remaining delay.
@@ -609,7 +624,34 @@ class Engine:
                 path="callbackAfterSeconds",
                 invalid_value=result.callbackAfterSeconds,
             )
+        self._check_payload(result.outputData, "outputData")
+        for position, entry in enumerate(result.logs or ()):
+            self._check_log(entry.log or "", f"logs[{position}].log")
         return result.taskId
+
+    def _check_payload(self, value: dict[str, Any] | None, field: str) -> None:
+        if not value:
+            return
+        size = len(_encode(value))
+        limit = self.settings.max_payload_bytes
+        if size > limit:
+            raise PayloadTooLarge(
+                f"{field} is {size} bytes as JSON, more than the limit of "
+                f"{limit} bytes",
+                path=field,
+                invalid_value=size,
+            )
+
+    def _check_log(self, line: str, field: str) -> None:
+        size = len(line.encode())
+        limit = self.settings.max_log_bytes
+        if size > limit:
+            raise PayloadTooLarge(
+                f"{field} is {size} bytes, more than the limit of {limit} bytes "
+                "for one log line",
+                path=field,
+                invalid_value=size,
+            )
 
     @staticmethod
     def _result_patch(result: TaskResult, now: int) -> dict[str, Any]:
@@ -632,17 +674,21 @@ class Engine:
         return patch
 
     async def _record_logs(self, result: TaskResult, now: int) -> None:
+        # Over the per-task count the oldest lines go, not the update: a
+        # worker's last lines (a traceback, say) matter most, and refusing
+        # the result would leave the task running until it timed out.
         if result.logs:
             task_id = result.taskId or ""
+            keep = self.settings.max_logs_per_task
             logs = [
                 TaskExecLog(
                     log=entry.log,
                     taskId=task_id,
                     createdTime=entry.createdTime or now,
                 )
-                for entry in result.logs[:10]
+                for entry in result.logs[-keep:]
             ]
-            await self.store.add_logs(task_id, logs)
+            await self.store.add_logs(task_id, logs, keep=keep)
 
 
 def _step_index(definition: WorkflowDef, reference: str) -> int | None:

@@ -37,6 +37,13 @@ class BadRequest(BatonError):
     code = "INVALID_INPUT"
 
 
+class Unauthorized(BatonError):
+    """The request carries no valid credentials (401); `code` names why."""
+
+    status = 401
+    code = "UNAUTHORIZED"
+
+
 class NotFound(BatonError):
     """The named task, workflow or definition does not exist (404)."""
 
@@ -56,6 +63,16 @@ class PayloadTooLarge(BatonError):
 
     status = 413
     code = "PAYLOAD_TOO_LARGE"
+
+
+class TooManyRequests(BatonError):
+    """The gateway holds as many requests of this kind as it allows (429);
+    `retry_after` is the number of seconds a client should wait."""
+
+    status = 429
+    code = "TOO_MANY_REQUESTS"
+    retryable = True
+    retry_after = 1
 
 
 class Unavailable(BatonError):

@@ -331,8 +331,11 @@ class Store(ABC):
         """Return a task's accepted results in the order they arrived."""
 
     @abstractmethod
-    async def add_logs(self, task_id: str, logs: Sequence[TaskExecLog]) -> None:
-        """Append log lines to a task."""
+    async def add_logs(
+        self, task_id: str, logs: Sequence[TaskExecLog], keep: int | None = None
+    ) -> None:
+        """Append log lines to a task; with `keep`, then drop its oldest
+        lines so that at most the newest `keep` remain."""
 
     @abstractmethod
     async def get_logs(self, task_id: str) -> list[TaskExecLog]:

@@ -14,8 +14,16 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from shared.queues import DOMAINS_PATTERN, NAME_PATTERN
+
 NonNegative = Annotated[int, Meta(ge=0)]
 Name = Annotated[str, Meta(min_length=1)]
+# A task type becomes a queue name. The rule is enforced by `check_name`
+# (with a message that says what is allowed); here it is only described.
+TaskName = Annotated[
+    str, Meta(min_length=1, extra_json_schema={"pattern": NAME_PATTERN})
+]
+Domains = Annotated[str, Meta(extra_json_schema={"pattern": DOMAINS_PATTERN})]
 
 TaskStatus = Literal[
     "IN_PROGRESS",
@@ -65,7 +73,7 @@ class TaskExecLog(Struct, kw_only=True):
 class TaskDef(Struct, kw_only=True):
     """A registered task definition, with Conductor's defaults."""
 
-    name: Name
+    name: TaskName
     description: str | None = None
     retryCount: NonNegative = 3
     timeoutSeconds: NonNegative = 0
@@ -98,7 +106,7 @@ class TaskDef(Struct, kw_only=True):
 class WorkflowTask(Struct, kw_only=True):
     """One step of a workflow definition."""
 
-    name: Name
+    name: TaskName
     taskReferenceName: Name
     type: str = "SIMPLE"
     description: str | None = None
@@ -211,7 +219,7 @@ class StartWorkflowRequest(Struct, kw_only=True):
     version: NonNegative | None = None
     correlationId: str | None = None
     input: dict[str, Any] | None = None
-    taskToDomain: dict[str, str] | None = None
+    taskToDomain: dict[str, Domains] | None = None
     workflowDef: WorkflowDef | None = None
     priority: Annotated[int, Meta(ge=0, le=99)] | None = None
     createdBy: str | None = None
@@ -258,11 +266,13 @@ class ValidationError(Struct, kw_only=True):
 
 
 class ErrorResponse(Struct, kw_only=True):
-    """Conductor's error body."""
+    """Conductor's error body. `error` is set on a 401 only: the official
+    SDKs renew their token when it reads EXPIRED_TOKEN or INVALID_TOKEN."""
 
     status: int
     message: str
     code: str | UnsetType = UNSET
+    error: str | UnsetType = UNSET
     instance: str | UnsetType = UNSET
     retryable: bool = False
     validationErrors: list[ValidationError] = msgspec.field(default_factory=list)

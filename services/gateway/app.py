@@ -10,7 +10,8 @@ import socket
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from services.gateway import metadata, tasks, workflows
+from services.gateway import api_docs, metadata, tasks, workflows
+from services.gateway.auth import add_auth, require_token
 from services.gateway.context import CONTEXT, Context
 from services.gateway.dispatch import Dispatchers
 from services.gateway.http import json_response
@@ -22,7 +23,7 @@ from services.health import (
     timed,
     unavailable,
 )
-from shared.errors import BatonError
+from shared.errors import BatonError, TooManyRequests
 from shared.metrics import Metrics
 from shared.models import ErrorResponse, ValidationError
 from shared.runtime import Runtime
@@ -58,6 +59,8 @@ def error_response(
     )
     if code:
         body.code = code
+        if status == 401:
+            body.error = code
     return json_response(body, status=status)
 
 
@@ -69,7 +72,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except BatonError as exc:
         if exc.status >= 500:
             log.warning("%s %s: %s", request.method, request.path, exc.message)
-        return error_response(
+        response = error_response(
             exc.status,
             exc.message,
             code=exc.code,
@@ -77,6 +80,9 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
             invalid_value=exc.invalid_value,
             retryable=exc.retryable,
         )
+        if isinstance(exc, TooManyRequests):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -143,6 +149,7 @@ def build_app(
             tracing_middleware(runtime.tracer_provider),
             timed,
             errors_as_json,
+            require_token,
             refuse_polls_when_draining,
         ],
         client_max_size=settings.max_body_bytes,
@@ -154,7 +161,9 @@ def build_app(
         engine=runtime.engine,
         polls=runtime.polls,
         dispatchers=dispatchers,
-        poller=Poller(runtime.engine, dispatchers, runtime.polls),
+        poller=Poller(
+            runtime.engine, dispatchers, runtime.polls, settings.max_waiting_polls
+        ),
     )
     add_health_routes(
         app,
@@ -166,6 +175,8 @@ def build_app(
     app.add_routes(tasks.routes)
     app.add_routes(metadata.routes)
     app.add_routes(workflows.routes)
+    add_auth(app, settings)
+    api_docs.add_route(app, settings)
     app.on_shutdown.append(_release_polls)
     return app
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from services.gateway.dispatch import Dispatchers
 from shared.clock import now_ms
 from shared.engine import Engine
-from shared.errors import BatonError
+from shared.errors import BatonError, TooManyRequests
 from shared.interfaces import Delivery
 from shared.metrics import METRICS
 from shared.models import Task
@@ -32,11 +32,22 @@ class Poller:
     """Serves single, batch and chained polls."""
 
     def __init__(
-        self, engine: Engine, dispatchers: Dispatchers, polls: PollRecorder
+        self,
+        engine: Engine,
+        dispatchers: Dispatchers,
+        polls: PollRecorder,
+        max_active: int,
     ) -> None:
         self._engine = engine
         self._dispatchers = dispatchers
         self._polls = polls
+        self._max_active = max_active
+        self._active = 0
+
+    @property
+    def saturated(self) -> bool:
+        """True while this gateway holds as many polls as it allows."""
+        return self._active >= self._max_active
 
     async def poll(
         self,
@@ -50,11 +61,34 @@ class Poller:
         """Wait up to `timeout_ms` for up to `count` tasks and claim them.
 
         Returns the claimed tasks and the deliveries to settle once the
-        answer is written (see `answer`).
+        answer is written (see `answer`). Raises TooManyRequests, having
+        recorded nothing, while the gateway is saturated.
         """
+        if self.saturated:
+            raise TooManyRequests(
+                f"this gateway holds {self._max_active} polls already; "
+                f"retry in {TooManyRequests.retry_after} s or poll another replica"
+            )
         self._polls.record(task_type, domain, worker_id, now_ms())
         if count == 0:
             return [], []
+        self._active += 1
+        try:
+            return await self._poll(
+                request, task_type, domain, worker_id, count, timeout_ms
+            )
+        finally:
+            self._active -= 1
+
+    async def _poll(
+        self,
+        request: web.Request,
+        task_type: str,
+        domain: str | None,
+        worker_id: str | None,
+        count: int,
+        timeout_ms: int,
+    ) -> tuple[list[Task], list[Delivery]]:
         queue = queue_name(task_type, domain)
         await self._engine.ensure_queue(queue)
         dispatcher = self._dispatchers.get(queue)

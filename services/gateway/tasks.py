@@ -34,7 +34,7 @@ _RESULT_STATUSES = ("IN_PROGRESS", "FAILED", "FAILED_WITH_TERMINAL_ERROR", "COMP
 _OutputMap = dict[str, Any]
 
 
-@routes.get("/api/tasks/poll/batch/{taskType}")
+@routes.get("/api/tasks/poll/batch/{taskType}", allow_head=False)
 async def poll_batch(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
     task_type = path_name(request, "taskType")
@@ -54,7 +54,7 @@ async def poll_batch(request: web.Request) -> web.StreamResponse:
     return await answer(request, json_response(tasks), deliveries)
 
 
-@routes.get("/api/tasks/poll/{taskType}")
+@routes.get("/api/tasks/poll/{taskType}", allow_head=False)
 async def poll_one(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
     task_type = path_name(request, "taskType")
@@ -94,7 +94,9 @@ async def update_v2(request: web.Request) -> web.StreamResponse:
     result = await decode_body(request, TaskResult)
     METRICS.updates.labels(status=result.status).inc()
     task = await ctx.engine.update_task(result)
-    if not task.terminal or result.extendLease:
+    # The update stands whatever follows: a saturated gateway skips the
+    # chained poll rather than fail a request whose update it applied.
+    if not task.terminal or result.extendLease or ctx.poller.saturated:
         return web.Response(status=NO_CONTENT)
     return await _poll_single(
         request, ctx, task.taskType, task.domain or None, result.workerId

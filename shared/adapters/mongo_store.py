@@ -474,7 +474,9 @@ class MongoStore(Store):
             )
             return [_decode(doc, TaskResult) async for doc in cursor]
 
-    async def add_logs(self, task_id: str, logs: Sequence[TaskExecLog]) -> None:
+    async def add_logs(
+        self, task_id: str, logs: Sequence[TaskExecLog], keep: int | None = None
+    ) -> None:
         if not logs:
             return
         now = now_ms()
@@ -489,6 +491,21 @@ class MongoStore(Store):
         ]
         with _translated("add_logs"):
             await self._coll("task_logs").insert_many(docs, ordered=True)
+            if keep is not None:
+                await self._trim_logs(task_id, keep)
+
+    async def _trim_logs(self, task_id: str, keep: int) -> None:
+        # Not atomic with the insert: a crash in between leaves extra lines
+        # that the next append of the task trims.
+        cursor = (
+            self._coll("task_logs")
+            .find({"taskId": task_id}, {"_id": 1})
+            .sort([("_at", DESCENDING), ("_id", DESCENDING)])
+            .skip(keep)
+        )
+        stale = [doc["_id"] async for doc in cursor]
+        if stale:
+            await self._coll("task_logs").delete_many({"_id": {"$in": stale}})
 
     async def get_logs(self, task_id: str) -> list[TaskExecLog]:
         with _translated("get_logs"):

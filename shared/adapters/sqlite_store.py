@@ -690,16 +690,27 @@ class SQLiteStore(Store):
         )
         return [_decode_task_result(row[0]) for row in rows]
 
-    async def add_logs(self, task_id: str, logs: Sequence[TaskExecLog]) -> None:
+    async def add_logs(
+        self, task_id: str, logs: Sequence[TaskExecLog], keep: int | None = None
+    ) -> None:
         rows = [(task_id, line.log, line.createdTime) for line in logs]
         if not rows:
             return
-        await self._call(
-            lambda conn: conn.executemany(
+
+        def append(conn: sqlite3.Connection) -> None:
+            conn.executemany(
                 "INSERT INTO task_logs (task_id, log, created_time) VALUES (?, ?, ?)",
                 rows,
             )
-        )
+            if keep is not None:
+                conn.execute(
+                    "DELETE FROM task_logs WHERE task_id = ? AND id NOT IN "
+                    "(SELECT id FROM task_logs WHERE task_id = ? "
+                    "ORDER BY id DESC LIMIT ?)",
+                    (task_id, task_id, keep),
+                )
+
+        await self._call(append)
 
     async def get_logs(self, task_id: str) -> list[TaskExecLog]:
         rows = await self._call(

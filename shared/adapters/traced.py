@@ -500,11 +500,13 @@ class TracedStore(Store):
         with self._span("find", "task_results", "task_results", attributes):
             return await self.inner.task_results(task_id)
 
-    async def add_logs(self, task_id: str, logs: Sequence[TaskExecLog]) -> None:
+    async def add_logs(
+        self, task_id: str, logs: Sequence[TaskExecLog], keep: int | None = None
+    ) -> None:
         """Traced `Store.add_logs`."""
         attributes: Attributes = {"baton.task_id": task_id}
         with self._span("insert", "task_logs", "add_logs", attributes):
-            await self.inner.add_logs(task_id, logs)
+            await self.inner.add_logs(task_id, logs, keep)
 
     async def get_logs(self, task_id: str) -> list[TaskExecLog]:
         """Traced `Store.get_logs`."""

@@ -24,6 +24,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from shared.auth import parse_keys
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "baton"
 CI_DIR = CHART / "ci"
@@ -79,6 +81,15 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
         {"metrics": {"serviceMonitor": {"interval": "often"}}},
         r"/metrics/serviceMonitor/interval",
     ),
+    "auth-key-without-hash": (
+        {"auth": {"keys": ["billing-worker:secret"]}},
+        r"/auth/keys/0",
+    ),
+    "auth-short-signing-key": (
+        {"auth": {"signingKey": "too-short"}},
+        r"/auth/signingKey",
+    ),
+    "auth-ttl-zero": ({"auth": {"tokenTtlSeconds": 0}}, r"/auth/tokenTtlSeconds"),
 }
 
 # Values the schema accepts but the templates refuse, with their message.
@@ -98,12 +109,28 @@ REFUSED_BY_TEMPLATES: dict[str, tuple[dict[str, Any], str]] = {
         },
         r"both scale the same Deployment",
     ),
+    "auth-without-keys": (
+        {"auth": {"enabled": True, "signingKey": "s" * 32}},
+        r"auth.keys is required",
+    ),
+    "auth-without-signing-key": (
+        {"auth": {"enabled": True, "keys": [f"k:scrypt:16384:8:1:{'A' * 22}:x"]}},
+        r"auth.signingKey is required",
+    ),
 }
 
 EXTRA_RENDERS: dict[str, dict[str, Any]] = {
     "replicas-5-0": {"gateway": {"replicas": 5}, "scheduler": {"replicas": 0}},
     "keda-scheduler": {
         "keda": {"enabled": True, "target": "scheduler", "queueName": "x.task.y"}
+    },
+    "auth-existing-secret": {
+        "auth": {
+            "enabled": True,
+            "existingSecret": "baton-auth",
+            "keysKey": "keys",
+            "signingKeyKey": "signing-key",
+        }
     },
 }
 
@@ -535,3 +562,53 @@ def test_monitors_scrape_metrics_on_each_service_port() -> None:
     assert any(p["name"] == "http" for p in ports)
     assert objects("default", "ServiceMonitor") == {}
     assert objects("default", "PodMonitor") == {}
+
+
+# Authentication.
+
+AUTH_VARIABLES = {"BATON_AUTH_KEYS", "BATON_AUTH_SIGNING_KEY"}
+
+
+def test_auth_is_off_unless_enabled() -> None:
+    for scenario in ("default", "existing-secret-values"):
+        assert set(objects(scenario, "Secret")) <= {f"{RELEASE}-baton"}
+        for component in COMPONENTS:
+            assert not {n for n in env_of(scenario, component) if "AUTH" in n}
+
+
+def test_auth_values_become_a_secret_the_gateway_reads() -> None:
+    values = SCENARIOS["auth-values"]["auth"]
+    secret_name = f"{RELEASE}-baton-auth"
+    data = objects("auth-values", "Secret")[secret_name]["stringData"]
+    assert set(data) == AUTH_VARIABLES
+    assert data["BATON_AUTH_SIGNING_KEY"] == values["signingKey"]
+    keys = parse_keys(data["BATON_AUTH_KEYS"])
+    assert list(keys) == ["billing-worker", "reports-worker"]
+
+    env = env_of("auth-values", "gateway")
+    for variable in AUTH_VARIABLES:
+        assert "value" not in env[variable]
+        assert env[variable]["valueFrom"]["secretKeyRef"] == {
+            "name": secret_name,
+            "key": variable,
+        }
+    assert env["BATON_AUTH_TOKEN_TTL_SECONDS"]["value"] == "1800"
+    assert not {n for n in env_of("auth-values", "scheduler") if "AUTH" in n}
+    assert not AUTH_VARIABLES & set(configmap("auth-values"))
+    # A key or signing key change rolls the gateway's pods.
+    pod = deployment("auth-values", "gateway")["spec"]["template"]["metadata"]
+    assert "checksum/auth-secret" in pod["annotations"]
+
+
+def test_auth_can_read_a_secret_you_manage() -> None:
+    scenario = "auth-existing-secret"
+    assert f"{RELEASE}-baton-auth" not in objects(scenario, "Secret")
+    env = env_of(scenario, "gateway")
+    refs = {name: env[name]["valueFrom"]["secretKeyRef"] for name in AUTH_VARIABLES}
+    assert refs == {
+        "BATON_AUTH_KEYS": {"name": "baton-auth", "key": "keys"},
+        "BATON_AUTH_SIGNING_KEY": {"name": "baton-auth", "key": "signing-key"},
+    }
+    assert env["BATON_AUTH_TOKEN_TTL_SECONDS"]["value"] == "3600"
+    pod = deployment(scenario, "gateway")["spec"]["template"]["metadata"]
+    assert "checksum/auth-secret" not in pod["annotations"]

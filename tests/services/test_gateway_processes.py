@@ -279,6 +279,7 @@ async def test_killed_gateway_releases_its_held_delivery_to_another_gateway(
         **rabbitmq_env,
         **shared_store_env,
         "BATON_MAX_BODY_BYTES": str(4 * STALLING_SIZE),
+        "BATON_MAX_PAYLOAD_BYTES": str(2 * STALLING_SIZE),
     }
     holder = await gateway_processes.start(
         "holder",
@@ -521,6 +522,7 @@ async def test_restarted_embedded_gateway_retries_the_task_it_died_handing_out(
     env = {
         **embedded_env(tmp_path),
         "BATON_MAX_BODY_BYTES": str(4 * STALLING_SIZE),
+        "BATON_MAX_PAYLOAD_BYTES": str(2 * STALLING_SIZE),
         "BATON_RECONCILE_GRACE_SECONDS": "0",
         "BATON_SWEEP_SECONDS": "1",
     }

@@ -66,6 +66,15 @@ app.kubernetes.io/part-of: baton
 {{- end }}
 {{- end }}
 
+{{/* The Secret holding BATON_AUTH_KEYS and BATON_AUTH_SIGNING_KEY. */}}
+{{- define "baton.authSecretName" -}}
+{{- if .Values.auth.existingSecret }}
+{{- .Values.auth.existingSecret }}
+{{- else }}
+{{- printf "%s-auth" (include "baton.fullname" . | trunc 58 | trimSuffix "-") }}
+{{- end }}
+{{- end }}
+
 {{/* The RabbitMQ queue KEDA watches. */}}
 {{- define "baton.kedaQueueName" -}}
 {{- if .Values.keda.queueName }}
@@ -86,6 +95,7 @@ A service's Deployment. Call with
 {{- $svc := .svc }}
 {{- $ctx := dict "root" $root "component" .component }}
 {{- $kedaOwns := and $root.Values.keda.enabled (eq $root.Values.keda.target .component) }}
+{{- $authed := and $root.Values.auth.enabled (eq .component "gateway") }}
 {{- if and $kedaOwns $svc.autoscaling.enabled }}
 {{- fail (printf "%s.autoscaling.enabled and keda.enabled (target %s) both scale the same Deployment; enable one" .component .component) }}
 {{- end }}
@@ -114,6 +124,9 @@ spec:
         checksum/config: {{ include (print $root.Template.BasePath "/configmap.yaml") $root | sha256sum }}
         {{- if not $root.Values.connection.existingSecret }}
         checksum/secret: {{ include (print $root.Template.BasePath "/secret.yaml") $root | sha256sum }}
+        {{- end }}
+        {{- if and $authed (not $root.Values.auth.existingSecret) }}
+        checksum/auth-secret: {{ include (print $root.Template.BasePath "/auth-secret.yaml") $root | sha256sum }}
         {{- end }}
         {{- with $svc.podAnnotations }}
         {{- toYaml . | nindent 8 }}
@@ -167,6 +180,20 @@ spec:
             {{- if eq .component "gateway" }}
             - name: BATON_RUN_SCHEDULER
               value: "false"
+            {{- end }}
+            {{- if $authed }}
+            - name: BATON_AUTH_KEYS
+              valueFrom:
+                secretKeyRef:
+                  name: {{ include "baton.authSecretName" $root }}
+                  key: {{ $root.Values.auth.keysKey }}
+            - name: BATON_AUTH_SIGNING_KEY
+              valueFrom:
+                secretKeyRef:
+                  name: {{ include "baton.authSecretName" $root }}
+                  key: {{ $root.Values.auth.signingKeyKey }}
+            - name: BATON_AUTH_TOKEN_TTL_SECONDS
+              value: {{ $root.Values.auth.tokenTtlSeconds | quote }}
             {{- end }}
             {{- with $svc.extraEnv }}
             {{- toYaml . | nindent 12 }}
