@@ -6,15 +6,15 @@ import time
 from types import TracebackType
 from typing import Any, NamedTuple
 
-import aiohttp
 import msgspec
+
+from bench.http import HttpClient, ProtocolError
 
 JSON = dict[str, Any]
 
 TASK_TYPE = "bench_task"
 WORKFLOW_NAME = "bench_workflow"
 
-_JSON_HEADERS = {"Content-Type": "application/json"}
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
 
@@ -27,7 +27,7 @@ class HttpError(Exception):
         self.status = status
 
 
-FAILURES = (aiohttp.ClientError, HttpError, TimeoutError, msgspec.DecodeError)
+FAILURES = (OSError, ProtocolError, HttpError, TimeoutError, msgspec.DecodeError)
 """What a request can fail with; the load loops count these and go on."""
 
 
@@ -79,15 +79,12 @@ class BatonClient:
     ) -> None:
         self._base = base_url.rstrip("/")
         self._connections = connections
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
+        self._timeout = timeout_s
+        self._http: HttpClient | None = None
 
     async def __aenter__(self) -> BatonClient:
-        connector = aiohttp.TCPConnector(
-            limit=self._connections, limit_per_host=0, force_close=False
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector, timeout=self._timeout
+        self._http = HttpClient(
+            self._base, connections=self._connections, timeout_s=self._timeout
         )
         return self
 
@@ -97,21 +94,17 @@ class BatonClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
     async def _request(
         self, method: str, path: str, body: object = None
     ) -> tuple[int, bytes]:
-        if self._session is None:
+        if self._http is None:
             raise RuntimeError("BatonClient is not open")
         data = None if body is None else _encode(body)
-        headers = None if body is None else _JSON_HEADERS
-        async with self._session.request(
-            method, self._base + path, data=data, headers=headers
-        ) as response:
-            return response.status, await response.read()
+        return await self._http.request(method, path, data)
 
     async def _expect(
         self, method: str, path: str, body: object = None, ok: tuple[int, ...] = (200,)

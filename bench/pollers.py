@@ -16,6 +16,7 @@ from bench.client import FAILURES, BatonClient
 from bench.counters import Counters, FailureLog, Idle
 from bench.limits import raise_open_files
 from bench.workers import finish, wait_for_stop
+from shared.service import run
 
 _RETRY_PAUSE_S = 0.1
 _CLIENT_SLACK_S = 30.0
@@ -42,7 +43,7 @@ def run_idle_client(
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise_open_files()
-    results.put(asyncio.run(_serve(spec, counters)))
+    results.put(run(_serve(spec, counters)))
 
 
 async def _serve(spec: IdleSpec, counters: Counters) -> list[str]:

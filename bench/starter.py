@@ -18,6 +18,7 @@ from multiprocessing.queues import Queue
 from bench.client import FAILURES, BatonClient
 from bench.counters import Counters, FailureLog, Start, Work
 from bench.limits import raise_open_files
+from shared.service import run
 
 _RETRY_PAUSE_S = 0.05
 _BACKLOG_PAUSE_S = 0.002
@@ -52,7 +53,7 @@ def run_starter(
     """Process entry point; `work` is the workers' counters, read only."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise_open_files()
-    results.put(asyncio.run(_serve(spec, counters, work)))
+    results.put(run(_serve(spec, counters, work)))
 
 
 async def _serve(spec: StarterSpec, counters: Counters, work: Counters) -> StartReport:

@@ -18,6 +18,7 @@ from multiprocessing.queues import Queue
 from bench.client import FAILURES, JSON, BatonClient
 from bench.counters import Counters, FailureLog, Work
 from bench.limits import raise_open_files
+from shared.service import run
 
 STOP_GRACE_S = 2.0
 _RETRY_PAUSE_S = 0.05
@@ -58,7 +59,7 @@ def run_workers(
     """Process entry point: work until the STOP counter is set."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise_open_files()
-    results.put(asyncio.run(_serve(spec, counters)))
+    results.put(run(_serve(spec, counters)))
 
 
 async def _serve(spec: WorkerSpec, counters: Counters) -> WorkerReport:

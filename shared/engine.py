@@ -14,12 +14,13 @@ that a repeat of the step, or reconciliation, finishes:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from msgspec import UNSET
@@ -35,6 +36,7 @@ from shared.errors import (
     PayloadTooLarge,
 )
 from shared.expressions import referenced_tasks, resolve
+from shared.ids import random_uuid
 from shared.interfaces import Broker, Store, TaskMessage, VersionedTask
 from shared.metrics import METRICS
 from shared.models import (
@@ -91,6 +93,20 @@ def retry_delay(definition: TaskDef, retry_count: int) -> int:
     return min(delay, MAX_DELAY_SECONDS)
 
 
+class Update(NamedTuple):
+    """A worker's result as `Engine.record_update` applied it.
+
+    `result` is None when the update changed nothing that needs following
+    (a task that had already ended, an `extendLease`).
+    """
+
+    task: Task
+    version: int = 0
+    workflow: Workflow | None = None
+    result: TaskResult | None = None
+    now: int = 0
+
+
 class Engine:
     """Runs workflows of SIMPLE tasks over a store and a broker."""
 
@@ -129,7 +145,7 @@ class Engine:
 
         now = now_ms()
         workflow = Workflow(
-            workflowId=str(uuid.uuid4()),
+            workflowId=random_uuid(),
             workflowName=definition.name,
             workflowVersion=definition.version,
             status="RUNNING",
@@ -215,12 +231,25 @@ class Engine:
         return acked is not None
 
     async def update_task(self, result: TaskResult) -> Task:
-        """Apply a worker's result; return the task as it now stands.
+        """Apply a worker's result and what follows from it (its logs, the
+        next task, a retry, the end of the workflow); return the task as
+        it now stands.
 
         An update to a task that has already ended changes nothing.
         Raises BadRequest for an invalid result, PayloadTooLarge for an
         output or a log line over its limit, NotFound for an unknown task;
         a rejected result changes nothing.
+        """
+        update = await self.record_update(result)
+        await self.follow_up(update)
+        return update.task
+
+    async def record_update(self, result: TaskResult) -> Update:
+        """The first half of `update_task`: the guarded write of the result.
+
+        The caller must then `follow_up` the returned update, and may do
+        other work meanwhile (update-v2 polls for the next task). Raises
+        as `update_task` does.
         """
         task_id = self._check_result(result)
         now = now_ms()
@@ -229,9 +258,9 @@ class Engine:
                 task_id, ("IN_PROGRESS",), {"updateTime": now}
             )
             if updated is None:
-                return await self.get_task(task_id)
+                return Update(await self.get_task(task_id))
             await self.store.add_task_result(result, now)
-            return updated.task
+            return Update(updated.task)
 
         recorded = await self.store.record_result(
             task_id,
@@ -241,17 +270,25 @@ class Engine:
             now,
         )
         if recorded is None:
-            current = await self.get_task(task_id)
             log.debug("update for ended task %s ignored", task_id)
-            return current
-
+            return Update(await self.get_task(task_id))
         (task, version), workflow = recorded
-        await self._record_logs(result, now)
+        return Update(task, version, workflow, result, now)
+
+    async def follow_up(self, update: Update) -> None:
+        """The second half of `update_task`: logs, then the next step."""
+        if update.result is None:
+            return
+        task, result = update.task, update.result
         if task.status == "SCHEDULED":
-            await self.publish([task], version, task.callbackAfterSeconds)
+            next_step = self.publish([task], update.version, task.callbackAfterSeconds)
         else:
-            await self.decide(task, workflow)
-        return task
+            next_step = self.decide(task, update.workflow)
+        if result.logs:
+            # Independent writes: issued together, they share a store trip.
+            await asyncio.gather(self._record_logs(result, update.now), next_step)
+        else:
+            await next_step
 
     async def update_task_by_ref(
         self,
@@ -321,6 +358,19 @@ class Engine:
             groups[key].append(TaskMessage.for_task(task.taskId, version))
         for (queue, _, delay), messages in groups.items():
             await self.send(queue, messages, delay)
+
+    async def schedule_first(self, workflow_id: str) -> None:
+        """Schedule the first task of a RUNNING workflow stored without one.
+
+        A start whose task write failed (or whose process died) after the
+        workflow write leaves such a workflow. The task's id is derived
+        from the workflow, so scheduling it twice stores it once.
+        """
+        workflow = await self.store.get_workflow(workflow_id)
+        if workflow is None or workflow.terminal or not workflow.workflowDefinition:
+            return
+        definition = workflow.workflowDefinition
+        await self._schedule(workflow, definition, 0, seq=1, context_task=None)
 
     # Scheduling.
 
@@ -560,6 +610,12 @@ class Engine:
     ) -> None:
         delay = retry_delay(task_def, task.retryCount)
         METRICS.retries.labels(task_type=task.taskType).inc()
+        # Marked first: a crash before the retry is stored leaves an ended
+        # task with no successor, which reconciliation decides again; the
+        # other order would leave a retried task unmarked for good.
+        await self.store.transition_task(
+            task.taskId, TERMINAL_TASK_STATUSES, {"retried": True}
+        )
         await self._schedule(
             workflow,
             definition,
@@ -568,9 +624,6 @@ class Engine:
             context_task=task,
             retry_of=task,
             delay=delay,
-        )
-        await self.store.transition_task(
-            task.taskId, TERMINAL_TASK_STATUSES, {"retried": True}
         )
 
     async def fail_workflow_of(self, task: Task) -> None:

@@ -8,7 +8,6 @@ the guarded claim in the store and is dropped.
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping, Sequence
 from types import MappingProxyType
@@ -16,6 +15,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from shared.ids import random_hex
 from shared.models import (
     PollData,
     Task,
@@ -59,7 +59,7 @@ class TaskMessage(msgspec.Struct, array_like=True, frozen=True):
 
     @classmethod
     def for_task(cls, task_id: str, version: int, kind: str = "") -> TaskMessage:
-        return cls(task_id, version, os.urandom(8).hex(), kind)
+        return cls(task_id, version, random_hex(8), kind)
 
 
 class VersionedTask(NamedTuple):
@@ -92,6 +92,13 @@ class Delivery(ABC):
     message: TaskMessage
     redelivered: bool
     headers: Mapping[str, str] = NO_HEADERS
+
+    @property
+    def returned(self) -> bool:
+        """True once the broker has taken the message back unsettled (the
+        channel it came on closed): it will be delivered again. Brokers
+        whose deliveries cannot outlive their consumer keep this False."""
+        return False
 
     @abstractmethod
     async def ack(self) -> None:
@@ -261,6 +268,11 @@ class Store(ABC):
         """Return a task with its version, or None."""
 
     @abstractmethod
+    async def get_tasks(self, task_ids: Sequence[str]) -> list[VersionedTask]:
+        """Return the tasks of `task_ids` that exist, in no set order, with
+        one store round trip per thousand ids at most."""
+
+    @abstractmethod
     async def workflow_tasks(self, workflow_id: str) -> list[Task]:
         """Return a workflow's tasks ordered by `seq`."""
 
@@ -319,6 +331,10 @@ class Store(ABC):
     @abstractmethod
     async def in_progress_tasks(self) -> list[VersionedTask]:
         """Return IN_PROGRESS tasks; served by an index."""
+
+    @abstractmethod
+    async def running_workflow_ids(self) -> list[str]:
+        """Return the ids of RUNNING workflows; served by an index."""
 
     # History.
 

@@ -7,10 +7,12 @@ import logging
 import signal
 import sys
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from opentelemetry import trace
+
+T = TypeVar("T")
 
 
 class JsonFormatter(logging.Formatter):
@@ -45,14 +47,13 @@ def configure_logging(level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def run(main: Coroutine[Any, Any, None]) -> None:
-    """Run a service's main coroutine, on uvloop where it is installed."""
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run a main coroutine to its end, on uvloop where it is installed."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 async def wait_for_stop_signal() -> None:

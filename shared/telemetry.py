@@ -124,27 +124,23 @@ def get_tracer(provider: trace.TracerProvider | None) -> Tracer:
     return provider.get_tracer(TRACER_NAME)
 
 
-def tracing_middleware(provider: trace.TracerProvider | None = None) -> Middleware:
+def tracing_middleware(
+    provider: trace.TracerProvider | None = None,
+) -> Middleware | None:
     """An aiohttp middleware making one SERVER span per request.
 
     Spans are named `{METHOD} {route template}`, children of an incoming
     W3C `traceparent`. A 5xx answer, or an exception that is not an HTTP
     answer, sets the ERROR status; a 4xx leaves the status unset. With
-    `provider` None and no provider installed by `setup_tracing`, the
-    middleware does nothing. Install it first, outside the error mapper,
-    so that it sees the final status.
+    `provider` None and no provider installed by `setup_tracing`, there is
+    nothing to do and it returns None, so an untraced gateway has no layer
+    for it. Install it first, outside the error mapper, so that it sees
+    the final status.
     """
     if provider is None:
         provider = _installed
     if provider is None:
-
-        @web.middleware
-        async def untraced(
-            request: web.Request, handler: Handler
-        ) -> web.StreamResponse:
-            return await handler(request)
-
-        return untraced
+        return None
 
     tracer = get_tracer(provider)
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from shared.clock import now_ms
-from shared.interfaces import TIMER_QUEUE, TaskMessage
+from shared.interfaces import TIMER_QUEUE, TaskMessage, VersionedTask
 from shared.metrics import METRICS
 from shared.models import PENDING_TASK_STATUSES, Task, TaskDef
 
@@ -150,20 +150,31 @@ class Timers:
     # Firing.
 
     async def fire(self, message: TaskMessage) -> None:
-        """Handle a timer (or a batch) that came back; stale ones do nothing."""
-        if not message.batch:
-            await self._fire_one(message)
-            return
-        singles = [
-            TaskMessage(task_id, generation, message.message_id, message.kind)
-            for task_id, generation in message.batch
-        ]
-        for start in range(0, len(singles), _FIRE_CONCURRENCY):
-            chunk = singles[start : start + _FIRE_CONCURRENCY]
-            await asyncio.gather(*(self._fire_one(single) for single in chunk))
+        """Handle a timer (or a batch) that came back; stale ones do nothing.
 
-    async def _fire_one(self, message: TaskMessage) -> None:
-        found = await self._engine.store.get_task(message.task_id)
+        A batch reads its tasks with one store call per thousand timers.
+        """
+        store = self._engine.store
+        if not message.batch:
+            await self._handle(message, await store.get_task(message.task_id))
+            return
+        for start in range(0, len(message.batch), _MAX_BATCH):
+            entries = message.batch[start : start + _MAX_BATCH]
+            found = {
+                entry.task.taskId: entry
+                for entry in await store.get_tasks([task_id for task_id, _ in entries])
+            }
+            singles = [
+                TaskMessage(task_id, generation, message.message_id, message.kind)
+                for task_id, generation in entries
+            ]
+            for first in range(0, len(singles), _FIRE_CONCURRENCY):
+                chunk = singles[first : first + _FIRE_CONCURRENCY]
+                await asyncio.gather(
+                    *(self._handle(one, found.get(one.task_id)) for one in chunk)
+                )
+
+    async def _handle(self, message: TaskMessage, found: VersionedTask | None) -> None:
         if found is None:
             return
         task, version = found

@@ -144,14 +144,17 @@ def build_app(
     dispatchers = Dispatchers(
         runtime.broker, settings.prefetch, settings.consumer_linger_ms
     )
+    # Each layer costs every request: the tracing and token layers are
+    # there only when tracing and authentication are on.
+    layers = [
+        tracing_middleware(runtime.tracer_provider),
+        timed,
+        errors_as_json,
+        require_token if settings.auth_keys else None,
+        refuse_polls_when_draining,
+    ]
     app = web.Application(
-        middlewares=[
-            tracing_middleware(runtime.tracer_provider),
-            timed,
-            errors_as_json,
-            require_token,
-            refuse_polls_when_draining,
-        ],
+        middlewares=[layer for layer in layers if layer is not None],
         client_max_size=settings.max_body_bytes,
     )
     app[CONTEXT] = Context(

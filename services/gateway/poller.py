@@ -128,6 +128,13 @@ class Poller:
             await _settle(deliveries, ack=False)
             raise
 
+        # A delivery whose channel closed during the claim is back in its
+        # queue, and its redelivery may claim the task again (same message
+        # id): handed out now as well, the task would be in two hands.
+        returned = {d.message.task_id for d in unique.values() if d.returned}
+        if returned:
+            log.warning("not handing out %d tasks the broker took back", len(returned))
+            tasks = [task for task in tasks if task.taskId not in returned]
         won = {task.taskId for task in tasks}
         winners = [d for d in unique.values() if d.message.task_id in won]
         stale = spare + [d for d in unique.values() if d.message.task_id not in won]
@@ -151,6 +158,23 @@ async def answer(
         raise
     await _settle(deliveries, ack=True)
     return response
+
+
+async def give_back(
+    polling: asyncio.Future[tuple[list[Task], list[Delivery]]],
+) -> None:
+    """Requeue what a poll claims once it ends, its answer not to be sent.
+
+    The poll is let run out (a chained poll waits 100 ms at most) rather
+    than cancelled, which could strand deliveries mid-claim. A claimed
+    task goes back with its message: the store lets that same message
+    claim the task again, so the next poll hands it out.
+    """
+    try:
+        _, deliveries = await polling
+    except BatonError:
+        return
+    await _settle(deliveries, ack=False)
 
 
 async def _settle(deliveries: Sequence[Delivery], *, ack: bool) -> None:

@@ -21,7 +21,7 @@ from services.gateway.http import (
     read_body,
     text_response,
 )
-from services.gateway.poller import answer
+from services.gateway.poller import answer, give_back
 from shared.errors import BadRequest
 from shared.metrics import METRICS
 from shared.models import ResultStatus, TaskResult
@@ -93,14 +93,37 @@ async def update_v2(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
     result = await decode_body(request, TaskResult)
     METRICS.updates.labels(status=result.status).inc()
-    task = await ctx.engine.update_task(result)
+    update = await ctx.engine.record_update(result)
+    task = update.task
     # The update stands whatever follows: a saturated gateway skips the
     # chained poll rather than fail a request whose update it applied.
     if not task.terminal or result.extendLease or ctx.poller.saturated:
+        await ctx.engine.follow_up(update)
         return web.Response(status=NO_CONTENT)
-    return await _poll_single(
-        request, ctx, task.taskType, task.domain or None, result.workerId
+
+    # The next task of the workflow and the next task for this worker are
+    # independent: their store writes go together.
+    started = time.monotonic()
+    polling = asyncio.ensure_future(
+        ctx.poller.poll(
+            request,
+            task.taskType,
+            task.domain or None,
+            result.workerId,
+            1,
+            SINGLE_POLL_TIMEOUT_MS,
+        )
     )
+    try:
+        await ctx.engine.follow_up(update)
+    except BaseException:
+        await give_back(polling)
+        raise
+    tasks, deliveries = await polling
+    METRICS.poll_answered(task.taskType, len(tasks), time.monotonic() - started)
+    if not tasks:
+        return web.Response(status=NO_CONTENT)
+    return await answer(request, json_response(tasks[0]), deliveries)
 
 
 @routes.post("/api/tasks/{workflowId}/{taskRefName}/{status}")

@@ -18,6 +18,8 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+import msgspec
+
 from services.scheduler.reconcile import Reconciler
 from shared.errors import BatonError
 from shared.interfaces import (
@@ -98,10 +100,14 @@ class Scheduler:
             log.warning(
                 "timer for %s failed, retried later: %s", delivery.message.task_id, exc
             )
-            retry = TaskMessage.for_task(
-                delivery.message.task_id,
-                delivery.message.version,
-                delivery.message.kind,
+            # The same timers again, a batch included.
+            retry = msgspec.structs.replace(
+                TaskMessage.for_task(
+                    delivery.message.task_id,
+                    delivery.message.version,
+                    delivery.message.kind,
+                ),
+                batch=delivery.message.batch,
             )
             await self._engine.send(TIMER_QUEUE, [retry], _RETRY_FAILED_TIMER_SECONDS)
         await delivery.ack()

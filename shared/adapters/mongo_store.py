@@ -45,6 +45,7 @@ from shared.models import (
 Document = dict[str, Any]
 
 _DUPLICATE_KEY: Final = 11000
+_MAX_IDS: Final = 1000
 _TASK_FIELDS: Final = frozenset(Task.__struct_fields__)
 _WORKFLOW_PATCH_FIELDS: Final = frozenset(Workflow.__struct_fields__) - {
     "workflowId",
@@ -140,10 +141,12 @@ class MongoStore(Store):
         database: str = "baton",
         *,
         server_selection_timeout_ms: int = 5000,
+        socket_timeout_ms: int = 10000,
     ) -> None:
         self._url = url
         self._database_name = database
         self._server_selection_timeout_ms = server_selection_timeout_ms
+        self._socket_timeout_ms = socket_timeout_ms
         self._client: AsyncMongoClient[Document] | None = None
         self._db: AsyncDatabase[Document] | None = None
 
@@ -151,9 +154,13 @@ class MongoStore(Store):
 
     async def start(self) -> None:
         try:
+            # Without a socket timeout, an operation on a connection that
+            # stops answering (a frozen server, a dropped route) waits for
+            # ever, holding a poll's deliveries and a pooled connection.
             client: AsyncMongoClient[Document] = AsyncMongoClient(
                 self._url,
                 serverSelectionTimeoutMS=self._server_selection_timeout_ms,
+                socketTimeoutMS=self._socket_timeout_ms,
             )
         except PyMongoError as exc:
             raise StoreError(f"bad MongoDB configuration: {exc}") from exc
@@ -188,6 +195,7 @@ class MongoStore(Store):
         await self._coll("workflow_defs").create_index(
             [("name", ASCENDING), ("version", ASCENDING)], unique=True
         )
+        await self._coll("workflows").create_index([("status", ASCENDING)])
 
     async def close(self) -> None:
         client, self._client, self._db = self._client, None, None
@@ -330,6 +338,16 @@ class MongoStore(Store):
             doc = await self._coll("tasks").find_one({"_id": task_id})
             return None if doc is None else _versioned(doc)
 
+    async def get_tasks(self, task_ids: Sequence[str]) -> list[VersionedTask]:
+        ids = list(dict.fromkeys(task_ids))
+        found: list[VersionedTask] = []
+        with _translated("get_tasks"):
+            for start in range(0, len(ids), _MAX_IDS):
+                chunk = ids[start : start + _MAX_IDS]
+                cursor = self._coll("tasks").find({"_id": {"$in": chunk}})
+                found.extend([_versioned(doc) async for doc in cursor])
+        return found
+
     async def workflow_tasks(self, workflow_id: str) -> list[Task]:
         with _translated("workflow_tasks"):
             cursor = (
@@ -447,6 +465,11 @@ class MongoStore(Store):
 
     async def in_progress_tasks(self) -> list[VersionedTask]:
         return await self._tasks_in("IN_PROGRESS", None)
+
+    async def running_workflow_ids(self) -> list[str]:
+        with _translated("running workflows"):
+            cursor = self._coll("workflows").find({"status": "RUNNING"}, {"_id": 1})
+            return [doc["_id"] async for doc in cursor]
 
     async def _tasks_in(
         self, status: str, task_type: str | None

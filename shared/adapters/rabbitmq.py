@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections import deque
 from collections.abc import Coroutine, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import aio_pika
 import aiormq
@@ -26,8 +27,6 @@ import msgspec
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
@@ -61,14 +60,13 @@ _decoder = msgspec.json.Decoder(TaskMessage)
 _encoder = msgspec.json.Encoder()
 
 
-def _string_headers(incoming: AbstractIncomingMessage) -> Mapping[str, str]:
+def _string_headers(raw: Mapping[str, Any] | None) -> Mapping[str, str]:
     """The string-valued headers a message was published with.
 
     RabbitMQ's own headers (`x-death`, `x-first-death-*` and the like,
     added when a message is dead-lettered through the delay ladder) are
     left out, as are values that are not strings.
     """
-    raw = incoming.headers
     if not raw:
         return NO_HEADERS
     kept: dict[str, str] = {}
@@ -80,6 +78,25 @@ def _string_headers(incoming: AbstractIncomingMessage) -> Mapping[str, str]:
         elif isinstance(value, str):
             kept[name] = value
     return MappingProxyType(kept) if kept else NO_HEADERS
+
+
+async def _outcome(confirm: Coroutine[Any, Any, Any]) -> BaseException | None:
+    """Await a publish; return its failure instead of raising it.
+
+    aiormq fails a confirm future by cancelling it when its channel closes:
+    that CancelledError is a failed publish, unless this task itself is
+    being cancelled.
+    """
+    try:
+        await confirm
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        return exc
+    except _AMQP_ERRORS as exc:
+        return exc
+    return None
 
 
 def delay_routing_key(delay_seconds: int, destination: str, levels: int) -> str:
@@ -103,53 +120,83 @@ class _RabbitDelivery(Delivery):
     def __init__(
         self,
         subscription: _RabbitSubscription,
-        incoming: AbstractIncomingMessage,
         channel: aiormq.abc.AbstractChannel,
+        tag: int,
+        redelivered: bool,
+        headers: Mapping[str, str],
         message: TaskMessage,
     ) -> None:
         self.message = message
-        self.redelivered = bool(incoming.redelivered)
-        self.headers = _string_headers(incoming)
-        self._subscription = subscription
-        self._incoming = incoming
-        self._channel = channel
+        self.redelivered = redelivered
+        self.headers = headers
+        self.tag = tag
         self.settled = False
+        self._subscription = subscription
+        self._channel = channel
+
+    @property
+    def channel(self) -> aiormq.abc.AbstractChannel:
+        """The channel this delivery came on; only it may settle the tag."""
+        return self._channel
 
     @property
     def channel_closed(self) -> bool:
         """True once the channel this delivery came on is gone."""
         return self._channel.is_closed
 
+    @property
+    def returned(self) -> bool:
+        """True once the channel closed: RabbitMQ has requeued the message."""
+        return self._channel.is_closed
+
     async def ack(self) -> None:
-        """Remove the message from its queue; a no-op if already settled."""
-        await self._settle(requeue=False)
+        """Remove the message from its queue; a no-op if already settled.
+
+        Acks are written at the end of the current event-loop turn, as one
+        `multiple` ack where the tags allow it.
+        """
+        if self.settled:
+            return
+        # Marked at once so that a second settle never sends the tag again:
+        # a tag settled twice closes the channel.
+        self.settled = True
+        self._subscription.queue_ack(self)
 
     async def requeue(self) -> None:
         """Return the message to its queue; a no-op if already settled."""
-        await self._settle(requeue=True)
-
-    async def _settle(self, *, requeue: bool) -> None:
         if self.settled:
             return
-        # Marked before the write so that a concurrent second settle never
-        # sends the tag again: a tag settled twice closes the channel.
         self.settled = True
-        try:
-            if not self._channel.is_closed:
-                if requeue:
-                    await self._incoming.nack(requeue=True)
-                else:
-                    await self._incoming.ack()
-        except _AMQP_ERRORS:
-            # The channel closed under us: RabbitMQ returns the message to
-            # the queue itself, which is what the contract promises.
-            log.debug("settle skipped, channel closed", exc_info=True)
-        finally:
-            await self._subscription.release(self)
+        await self._subscription.nack(self)
+
+
+class _Settle(NamedTuple):
+    """One ack or nack frame, for the channel the delivery came on."""
+
+    channel: aiormq.abc.AbstractChannel
+    tag: int
+    multiple: bool
+    requeue: bool | None  # None: an ack; otherwise a nack with this flag.
 
 
 class _RabbitSubscription(Subscription):
-    """A consumer on its own channel; see `RabbitMQBroker.subscribe`."""
+    """A consumer on its own channel; see `RabbitMQBroker.subscribe`.
+
+    It consumes through the channel's aiormq layer: aio-pika's message
+    wrappers cost about as much CPU as the AMQP work itself. The robust
+    channel still restores the queue and the prefetch after a reconnect,
+    and `_on_reopen` starts consuming again on the new channel.
+
+    Acks are coalesced. `_outstanding` holds the unsettled deliveries of
+    the current channel in tag order (RabbitMQ numbers a channel's
+    deliveries upwards); at the end of each loop turn, `_flush` acks with
+    `multiple` up to the highest tag below which every delivery is acked,
+    and the rest one by one. Every ack and nack frame then leaves through
+    one sender task, in the order it was decided: aiormq's bounded write
+    queue can reorder frames of concurrent writers, and a `multiple` ack
+    overtaken by a single ack or a nack of a tag it covers would close
+    the channel (RabbitMQ: unknown delivery tag).
+    """
 
     def __init__(
         self,
@@ -162,36 +209,50 @@ class _RabbitSubscription(Subscription):
         self._broker = broker
         self._channel = channel
         self._on_delivery = on_delivery
-        self._amqp_queue: AbstractQueue | None = None
+        self._physical = ""
+        self._underlay: aiormq.abc.AbstractChannel | None = None
         self._tag: str | None = None
-        self._outstanding: set[_RabbitDelivery] = set()
+        self._outstanding: dict[int, _RabbitDelivery] = {}
+        self._acked: set[int] = set()
+        self._flush_handle: asyncio.Handle | None = None
+        self._frames: deque[_Settle] = deque()
+        self._sender: asyncio.Task[None] | None = None
         self._cancelled = False
         self._closed = False
 
     async def start(self, physical: str, prefetch: int, arguments: Any) -> None:
         """Set the prefetch window and start consuming."""
+        self._physical = physical
         self._channel.close_callbacks.add(self._on_channel_closed)
+        self._channel.reopen_callbacks.add(self._on_reopen)
         await self._channel.set_qos(prefetch_count=prefetch, timeout=_TIMEOUT)
-        self._amqp_queue = await self._channel.declare_queue(
+        await self._channel.declare_queue(
             physical, durable=True, arguments=arguments, timeout=_TIMEOUT
         )
-        self._tag = await self._amqp_queue.consume(
-            self._on_message, no_ack=False, timeout=_TIMEOUT
+        await self._consume()
+
+    async def _consume(self) -> None:
+        underlay = await self._channel.get_underlay_channel()
+        consumed = await underlay.basic_consume(
+            self._physical, self._on_message, no_ack=False, timeout=_TIMEOUT
         )
+        self._underlay = underlay
+        self._tag = consumed.consumer_tag
 
     def unsettled(self) -> int:
         """Deliveries handed out and not settled, on a channel still open."""
         self._reap()
-        return len(self._outstanding)
+        return sum(1 for d in self._outstanding.values() if not d.settled)
 
     async def cancel(self) -> None:
         """Send basic.cancel; close the channel once nothing is outstanding."""
         if self._cancelled:
             return
         self._cancelled = True
-        if self._amqp_queue is not None and self._tag is not None:
+        underlay, tag = self._underlay, self._tag
+        if underlay is not None and tag is not None and not underlay.is_closed:
             try:
-                await self._amqp_queue.cancel(self._tag, timeout=_TIMEOUT)
+                await underlay.basic_cancel(tag, timeout=_TIMEOUT)
             except _AMQP_ERRORS:
                 log.debug("basic.cancel failed, channel gone", exc_info=True)
         self._reap()
@@ -199,15 +260,19 @@ class _RabbitSubscription(Subscription):
             await self.close()
 
     async def close(self) -> None:
-        """Close the channel; RabbitMQ requeues whatever is still unacked."""
+        """Write pending acks, then close the channel; RabbitMQ requeues
+        whatever is still unacked."""
         if self._closed:
             return
         self._closed = True
         self._cancelled = True
         self._broker._forget(self)
-        for delivery in self._outstanding:
-            delivery.settled = True
-        self._outstanding.clear()
+        self._flush()
+        if self._sender is not None:
+            # An ack lost with the channel would bring a handed-out task
+            # back as a redelivery.
+            await asyncio.shield(self._sender)
+        self._forget_all()
         try:
             await self._channel.close()
         except _AMQP_ERRORS:
@@ -217,30 +282,97 @@ class _RabbitSubscription(Subscription):
         """Forget every delivery; closing the connection returns them."""
         self._closed = True
         self._cancelled = True
-        for delivery in self._outstanding:
+        self._forget_all()
+        self._frames.clear()
+
+    def _forget_all(self) -> None:
+        for delivery in self._outstanding.values():
             delivery.settled = True
         self._outstanding.clear()
+        self._acked.clear()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
 
-    async def release(self, delivery: _RabbitDelivery) -> None:
-        """Forget a settled delivery; finish a pending cancel."""
-        self._outstanding.discard(delivery)
-        if self._cancelled and not self._outstanding:
-            await self.close()
+    def queue_ack(self, delivery: _RabbitDelivery) -> None:
+        """Ack `delivery` with the next flush, at the end of this loop turn."""
+        if self._outstanding.get(delivery.tag) is not delivery:
+            return
+        self._acked.add(delivery.tag)
+        if self._flush_handle is None:
+            loop = asyncio.get_running_loop()
+            self._flush_handle = loop.call_soon(self._flush)
 
-    async def _on_message(self, incoming: AbstractIncomingMessage) -> None:
+    async def nack(self, delivery: _RabbitDelivery) -> None:
+        """Requeue `delivery` now."""
+        if self._outstanding.pop(delivery.tag, None) is not delivery:
+            return
+        # Left `_outstanding` above, so no later flush covers this tag.
+        self._send(_Settle(delivery.channel, delivery.tag, False, True))
+        self._close_if_done()
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        # Deliveries of a closed channel are gone; what is left came on
+        # the one open channel, in tag order.
+        self._reap()
+        if not self._acked:
+            return
+        highest = 0
+        for tag in self._outstanding:
+            if tag not in self._acked:
+                break
+            highest = tag
+        channel = self._outstanding[next(iter(self._acked))].channel
+        if highest:
+            self._send(_Settle(channel, highest, True, None))
+        for tag in sorted(self._acked):
+            del self._outstanding[tag]
+            if tag > highest:
+                self._send(_Settle(channel, tag, False, None))
+        self._acked.clear()
+        self._close_if_done()
+
+    def _send(self, frame: _Settle) -> None:
+        self._frames.append(frame)
+        if self._sender is None:
+            self._sender = asyncio.ensure_future(self._write_frames())
+
+    async def _write_frames(self) -> None:
         try:
-            channel = incoming.channel
-        except ChannelInvalidStateError:
+            while self._frames:
+                channel, tag, multiple, requeue = self._frames.popleft()
+                if channel.is_closed:
+                    # RabbitMQ requeued the channel's deliveries itself.
+                    continue
+                try:
+                    if requeue is None:
+                        await channel.basic_ack(tag, multiple=multiple, wait=False)
+                    else:
+                        await channel.basic_nack(tag, requeue=requeue, wait=False)
+                except _AMQP_ERRORS:
+                    log.debug("settle skipped, channel closed", exc_info=True)
+        finally:
+            self._sender = None
+
+    def _close_if_done(self) -> None:
+        if self._cancelled and not self._outstanding and not self._closed:
+            self._broker._spawn(self.close())
+
+    async def _on_message(self, incoming: aiormq.abc.DeliveredMessage) -> None:
+        channel = incoming.channel
+        frame = incoming.delivery
+        if not isinstance(frame, aiormq.spec.Basic.Deliver):
+            return
+        tag = frame.delivery_tag
+        if channel.is_closed or tag is None:
             # The channel closed before this task ran; RabbitMQ has
             # already requeued the message.
             return
         if self._cancelled:
             # Sent before the broker processed our basic.cancel: hand it
             # straight back rather than to a caller that stopped listening.
-            try:
-                await incoming.nack(requeue=True)
-            except _AMQP_ERRORS:
-                log.debug("nack after cancel failed", exc_info=True)
+            self._send(_Settle(channel, tag, False, True))
             return
         try:
             message = _decoder.decode(incoming.body)
@@ -250,13 +382,17 @@ class _RabbitSubscription(Subscription):
                 self.queue,
                 bytes(incoming.body[:200]),
             )
-            try:
-                await incoming.ack()
-            except _AMQP_ERRORS:
-                log.debug("ack of undecodable message failed", exc_info=True)
+            self._send(_Settle(channel, tag, False, None))
             return
-        delivery = _RabbitDelivery(self, incoming, channel, message)
-        self._outstanding.add(delivery)
+        delivery = _RabbitDelivery(
+            self,
+            channel,
+            tag,
+            bool(frame.redelivered),
+            _string_headers(incoming.header.properties.headers),
+            message,
+        )
+        self._outstanding[tag] = delivery
         try:
             self._on_delivery(delivery)
         except Exception:
@@ -267,16 +403,30 @@ class _RabbitSubscription(Subscription):
         self, _channel: AbstractChannel | None, _exc: BaseException | None
     ) -> None:
         # Deliveries of a closed channel went back to the queue with it; the
-        # robust channel reopens and resumes consuming unless cancelled.
+        # robust channel reopens, and `_on_reopen` consumes again unless
+        # this subscription was cancelled.
         self._reap()
         if self._cancelled and not self._outstanding and not self._closed:
             self._broker._spawn(self.close())
 
+    async def _on_reopen(self, _channel: Any) -> None:
+        self._reap()
+        if self._cancelled or self._closed:
+            return
+        try:
+            await self._consume()
+        except _AMQP_ERRORS:
+            log.warning(
+                "consuming %s again after a reconnect failed",
+                self.queue,
+                exc_info=True,
+            )
+
     def _reap(self) -> None:
-        dead = [d for d in self._outstanding if d.channel_closed]
-        for delivery in dead:
-            delivery.settled = True
-            self._outstanding.discard(delivery)
+        dead = [t for t, d in self._outstanding.items() if d.channel_closed]
+        for tag in dead:
+            self._outstanding.pop(tag).settled = True
+            self._acked.discard(tag)
 
 
 class RabbitMQBroker(Broker):
@@ -532,7 +682,6 @@ class RabbitMQBroker(Broker):
         if delay_seconds < 0:
             raise ValueError(f"delay must not be negative, got {delay_seconds}")
         physical = self.physical_queue(queue)
-        exchange: AbstractExchange
         if delay_seconds:
             routing_key = delay_routing_key(delay_seconds, physical, self._levels)
             if len(routing_key.encode()) > _MAX_SHORTSTR:
@@ -542,40 +691,66 @@ class RabbitMQBroker(Broker):
         if not messages:
             return
         await self.declare(queue)
-        channel = self._require_publisher()
-        amqp_headers: dict[str, Any] | None = dict(headers) if headers else None
+        publisher = self._require_publisher()
+        if publisher.is_closed:
+            raise BrokerError(f"cannot publish to {physical}: channel is closed")
+        exchange: str
         if not delay_seconds:
-            exchange = channel.default_exchange
+            exchange = ""
         elif self._tier_exchanges:
             # The tiers above the highest set bit would only pass the
             # message down: skipping them saves their routing work.
-            exchange = self._tier_exchanges[delay_seconds.bit_length() - 1]
+            exchange = self._tier_exchanges[delay_seconds.bit_length() - 1].name
         else:
             raise BrokerError("RabbitMQ broker is not started")
-        results = await asyncio.gather(
-            *(
-                exchange.publish(
-                    aio_pika.Message(
-                        _encoder.encode(message),
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                        content_type="application/json",
-                        headers=amqp_headers,
-                    ),
-                    routing_key,
-                    mandatory=True,
-                    timeout=_TIMEOUT,
-                )
-                for message in messages
-            ),
-            return_exceptions=True,
-        )
+        try:
+            channel = await publisher.get_underlay_channel()
+        except _AMQP_ERRORS as exc:
+            raise BrokerError(f"cannot publish to {physical}: {exc!r}") from exc
+        if not isinstance(channel, aiormq.Channel):
+            raise BrokerError(f"cannot publish to {physical}: not an aiormq channel")
+        amqp_headers: dict[str, Any] | None = dict(headers) if headers else None
+        confirms = [
+            self._publish_one(channel, exchange, routing_key, message, amqp_headers)
+            for message in messages
+        ]
+        if len(confirms) == 1:
+            results: list[BaseException | None] = [await _outcome(confirms[0])]
+        else:
+            results = await asyncio.gather(*map(_outcome, confirms))
         for result in results:
-            if isinstance(result, BaseException):
-                # A CancelledError here comes from aiormq failing a confirm
-                # future when the channel closed, not from our own caller.
+            if result is not None:
                 raise BrokerError(
                     f"publish to {physical} not confirmed: {result!r}"
                 ) from result
+
+    @staticmethod
+    def _publish_one(
+        channel: aiormq.Channel,
+        exchange: str,
+        routing_key: str,
+        message: TaskMessage,
+        headers: dict[str, Any] | None,
+    ) -> Coroutine[Any, Any, Any]:
+        # Straight to aiormq: aio-pika's Message wrapper costs more CPU
+        # than the publish itself. The message id must be unique per
+        # publish, since aiormq matches a returned message to its confirm
+        # by it; TaskMessage ids are.
+        properties = aiormq.spec.Basic.Properties(
+            delivery_mode=2,
+            content_type="application/json",
+            message_id=message.message_id,
+            headers=headers,
+        )
+        return channel.basic_publish(
+            _encoder.encode(message),
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
+            mandatory=True,
+            timeout=_TIMEOUT,
+            wait=False,
+        )
 
     async def subscribe(
         self, queue: str, prefetch: int, on_delivery: DeliveryCallback

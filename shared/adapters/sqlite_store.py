@@ -1,11 +1,12 @@
 """The embedded store: one SQLite file, owned by one thread.
 
 sqlite3 blocks, so the connection lives on a dedicated thread and the event
-loop only hands it operations. The thread runs whatever is queued inside one
-transaction, each operation in its own savepoint so a failure undoes only
-that operation, commits once when the queue runs dry, and only then resolves
-the callers: a burst of writes costs one commit, and nobody sees a write
-that could still be lost.
+loop only hands it operations, batched per loop turn. The thread runs
+whatever is queued inside one transaction, commits once, and only then
+resolves the callers: a burst of writes costs one commit and one wake-up
+each way, and nobody sees a write that could still be lost. If one
+operation of a group fails, the group is rolled back and its operations
+run again one transaction each, so a failure undoes only its own.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import queue
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Final, NamedTuple, TypeVar
 
@@ -62,6 +64,7 @@ CREATE TABLE IF NOT EXISTS workflows (
     status TEXT NOT NULL,
     doc BLOB NOT NULL
 );
+CREATE INDEX IF NOT EXISTS workflows_status ON workflows (status);
 CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY,
     workflow_id TEXT,
@@ -153,6 +156,18 @@ def _deliver(outcomes: list[_Outcome]) -> None:
         # A closed loop has nobody waiting any more.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(_settle, group)
+
+
+def _value(operation: Operation | None, conn: sqlite3.Connection) -> Any:
+    """Run an operation; a cursor it returns is closed here, not passed on."""
+    assert operation is not None
+    value = operation(conn)
+    if isinstance(value, sqlite3.Cursor):
+        # A cursor must not travel to the event loop's thread: finalised
+        # there, it races this thread's use of the connection.
+        value.close()
+        return None
+    return value
 
 
 def _check_patch(patch: Mapping[str, Any], allowed: frozenset[str]) -> None:
@@ -252,7 +267,8 @@ class SQLiteStore(Store):
 
     def __init__(self, path: str) -> None:
         self._path = path
-        self._queue: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Request]] = queue.SimpleQueue()
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -279,7 +295,8 @@ class SQLiteStore(Store):
         self._stopping = True
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put(_Request(None, future, loop))
+        self._submit(loop)
+        self._queue.put([_Request(None, future, loop)])
         await future
         self._thread = None
 
@@ -291,8 +308,19 @@ class SQLiteStore(Store):
             raise StoreError("SQLite store is not started")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Request(operation, future, loop))
+        # Operations asked for in one loop turn cross to the thread as one
+        # batch: one wake-up of the thread rather than one per operation.
+        pending = self._pending.get(loop)
+        if pending is None:
+            self._pending[loop] = pending = []
+            loop.call_soon(self._submit, loop)
+        pending.append(_Request(operation, future, loop))
         return await future
+
+    def _submit(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch = self._pending.pop(loop, None)
+        if batch:
+            self._queue.put(batch)
 
     # The connection's thread.
 
@@ -312,85 +340,91 @@ class SQLiteStore(Store):
             conn = self._connect()
         except sqlite3.Error as exc:
             conn, broken = None, _store_error(exc)
+        backlog: deque[_Request] = deque()
         stop: _Request | None = None
         while stop is None:
-            request = self._queue.get()
-            if request.operation is None:
-                stop = request
+            if not backlog:
+                backlog.extend(self._queue.get())
+            if backlog[0].operation is None:
+                stop = backlog.popleft()
                 break
             if conn is None:
-                _deliver([_Outcome(request, None, broken)])
+                _deliver([_Outcome(backlog.popleft(), None, broken)])
                 continue
-            stop = self._run_group(conn, request)
+            stop = self._run_group(conn, backlog)
         if conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
         if stop is not None:
             _deliver([_Outcome(stop, None, None)])
 
-    def _run_group(
-        self, conn: sqlite3.Connection, request: _Request
-    ) -> _Request | None:
-        """Run `request` and whatever else is queued in one transaction.
+    def _next(self, backlog: deque[_Request]) -> _Request | None:
+        """The next queued request without waiting, or None."""
+        if not backlog:
+            try:
+                backlog.extend(self._queue.get_nowait())
+            except queue.Empty:
+                return None
+        return backlog.popleft() if backlog else None
 
-        Returns the stop request if one was dequeued.
+    def _run_group(
+        self, conn: sqlite3.Connection, backlog: deque[_Request]
+    ) -> _Request | None:
+        """Run the queued requests, up to `_MAX_GROUP`, in one transaction.
+
+        Should one of them fail, the transaction is rolled back and each
+        request runs again in a transaction of its own, so a failure
+        undoes only its own request. Returns the stop request if one was
+        dequeued.
         """
-        requests = [request]
-        outcomes: list[_Outcome] = []
+        requests = [backlog.popleft()]
         stop: _Request | None = None
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            while True:
-                outcomes.append(self._apply(conn, request))
-                if not conn.in_transaction:
-                    # The failure rolled the whole transaction back, so the
-                    # operations before it were undone too.
-                    raise StoreError("SQLite transaction was rolled back")
-                if len(outcomes) >= _MAX_GROUP:
-                    break
-                try:
-                    request = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if request.operation is None:
-                    stop = request
-                    break
-                requests.append(request)
-            conn.execute("COMMIT")
-        except Exception as exc:
-            error = exc if isinstance(exc, StoreError) else _store_error(exc)
-            with contextlib.suppress(sqlite3.Error):
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            outcomes = [
-                outcomes[i]
-                if i < len(outcomes) and outcomes[i].error is not None
-                else _Outcome(queued, None, error)
-                for i, queued in enumerate(requests)
-            ]
+        while len(requests) < _MAX_GROUP:
+            following = self._next(backlog)
+            if following is None:
+                break
+            if following.operation is None:
+                stop = following
+                break
+            requests.append(following)
+        outcomes = self._run_together(conn, requests)
+        if outcomes is None:
+            outcomes = [self._run_alone(conn, request) for request in requests]
         _deliver(outcomes)
         return stop
 
     @staticmethod
-    def _apply(conn: sqlite3.Connection, request: _Request) -> _Outcome:
-        """Run one operation in a savepoint, undoing only it if it fails."""
-        assert request.operation is not None
-        conn.execute("SAVEPOINT op")
+    def _run_together(
+        conn: sqlite3.Connection, requests: list[_Request]
+    ) -> list[_Outcome] | None:
+        # No savepoint per request: every statement releases and retakes
+        # the GIL, and on a busy event loop each retake can wait. Requests
+        # are functions of the connection alone, so running them again
+        # after a rollback is safe.
         try:
-            value = request.operation(conn)
+            conn.execute("BEGIN IMMEDIATE")
+            values = [_value(request.operation, conn) for request in requests]
+            conn.execute("COMMIT")
+        except Exception:
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            return None
+        return [_Outcome(r, v, None) for r, v in zip(requests, values, strict=True)]
+
+    @staticmethod
+    def _run_alone(conn: sqlite3.Connection, request: _Request) -> _Outcome:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            value = _value(request.operation, conn)
+            conn.execute("COMMIT")
         except Exception as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error | msgspec.DecodeError):
                 return _Outcome(request, None, _store_error(exc))
             return _Outcome(request, None, exc)
-        conn.execute("RELEASE op")
-        if isinstance(value, sqlite3.Cursor):
-            # A cursor must not travel to the event loop's thread: finalised
-            # there, it races this thread's use of the connection.
-            value.close()
-            value = None
         return _Outcome(request, value, None)
 
     # Definitions.
@@ -536,6 +570,24 @@ class SQLiteStore(Store):
         )
         return None if row is None else VersionedTask(_decode_task(row[0]), row[1])
 
+    async def get_tasks(self, task_ids: Sequence[str]) -> list[VersionedTask]:
+        ids = list(dict.fromkeys(task_ids))
+
+        def read(conn: sqlite3.Connection) -> list[tuple[bytes, int]]:
+            rows: list[tuple[bytes, int]] = []
+            for chunk in _chunks(ids, _MAX_VARIABLES):
+                marks = ",".join("?" * len(chunk))
+                rows.extend(
+                    conn.execute(
+                        f"SELECT doc, version FROM tasks WHERE id IN ({marks})",
+                        chunk,
+                    ).fetchall()
+                )
+            return rows
+
+        rows = await self._call(read) if ids else []
+        return [VersionedTask(_decode_task(doc), version) for doc, version in rows]
+
     async def workflow_tasks(self, workflow_id: str) -> list[Task]:
         rows = await self._call(
             lambda conn: conn.execute(
@@ -661,6 +713,14 @@ class SQLiteStore(Store):
 
     async def in_progress_tasks(self) -> list[VersionedTask]:
         return await self._tasks_in("IN_PROGRESS", None)
+
+    async def running_workflow_ids(self) -> list[str]:
+        rows = await self._call(
+            lambda conn: conn.execute(
+                "SELECT id FROM workflows WHERE status = 'RUNNING'"
+            ).fetchall()
+        )
+        return [row[0] for row in rows]
 
     async def _tasks_in(
         self, status: str, task_type: str | None

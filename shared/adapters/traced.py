@@ -388,6 +388,11 @@ class TracedStore(Store):
         with self._span("find", "tasks", "get_task", {"baton.task_id": task_id}):
             return await self.inner.get_task(task_id)
 
+    async def get_tasks(self, task_ids: Sequence[str]) -> list[VersionedTask]:
+        """Traced `Store.get_tasks`."""
+        with self._span("find", "tasks", "get_tasks", {"baton.tasks": len(task_ids)}):
+            return await self.inner.get_tasks(task_ids)
+
     async def workflow_tasks(self, workflow_id: str) -> list[Task]:
         """Traced `Store.workflow_tasks`."""
         attributes: Attributes = {"baton.workflow_id": workflow_id}
@@ -481,6 +486,11 @@ class TracedStore(Store):
         """Traced `Store.in_progress_tasks`."""
         with self._span("find", "tasks", "in_progress_tasks"):
             return await self.inner.in_progress_tasks()
+
+    async def running_workflow_ids(self) -> list[str]:
+        """Traced `Store.running_workflow_ids`."""
+        with self._span("find", "workflows", "running_workflow_ids"):
+            return await self.inner.running_workflow_ids()
 
     # History.
 

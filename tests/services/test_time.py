@@ -6,13 +6,20 @@ import asyncio
 import shutil
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import aio_pika
+import msgspec
 import pytest
 
+from services.scheduler.service import Scheduler
+from shared.config import Settings
 from shared.engine import retry_delay
+from shared.interfaces import TIMER_QUEUE, Delivery, TaskMessage
 from shared.models import TaskDef
+from shared.runtime import Runtime
+from shared.timers import RESPONSE
 from tests.services.conftest import Baton, unique
 
 
@@ -226,6 +233,82 @@ async def test_reconciliation_republishes_a_task_whose_message_vanished(
     assert task["workflowInstanceId"] == workflow_id
     await baton.complete(task)
     assert (await baton.workflow(workflow_id))["status"] == "COMPLETED"
+
+
+async def test_reconciliation_resumes_a_workflow_stalled_after_its_task_ended(
+    baton: Baton,
+) -> None:
+    """The terminal update is applied, then its process dies before the
+    next task is scheduled: a retried update finds the task ended and
+    changes nothing, and only a sweep moves the workflow on."""
+    first, second = unique("stalled"), unique("next")
+    name = unique("wf")
+    await baton.register_workflow(name, [first, second])
+    workflow_id = await baton.start(name, {"x": 1})
+    task = await baton.poll_until(first)
+    done = await baton.runtime.store.transition_task(
+        task["taskId"],
+        ("IN_PROGRESS",),
+        {"status": "COMPLETED", "outputData": {"value": 2}, "endTime": 1},
+    )
+    assert done is not None
+    assert await baton.complete(task, {"value": 2}) == (200, task["taskId"])
+    assert len((await baton.workflow(workflow_id))["tasks"]) == 1
+
+    result = await baton.scheduler.reconciler.sweep(grace_ms=0)
+    assert result.resumed_workflows == 1
+    again = await baton.scheduler.reconciler.sweep(grace_ms=0)
+    assert again.resumed_workflows == 0
+
+    following = await baton.poll_until(second)
+    assert following["inputData"] == {"value": 2}
+    await baton.complete(following, {"value": 3})
+    workflow = await baton.workflow(workflow_id)
+    assert workflow["status"] == "COMPLETED"
+    assert workflow["output"] == {"value": 3}
+
+
+class _Held(Delivery):
+    """A delivery of `message` that records how it was settled."""
+
+    def __init__(self, message: TaskMessage) -> None:
+        self.message = message
+        self.redelivered = False
+        self.settled = ""
+
+    async def ack(self) -> None:
+        self.settled = "ack"
+
+    async def requeue(self) -> None:
+        self.settled = "requeue"
+
+
+async def test_a_timer_batch_that_fails_comes_back_whole(tmp_path: Path) -> None:
+    """With the store down, a batch of timers is sent again later, every
+    timer of it, rather than as an empty timer that guards nothing."""
+    runtime = Runtime(Settings(sqlite_path=str(tmp_path / "baton.db")))
+    await runtime.start()
+    await runtime.engine.ensure_queue(TIMER_QUEUE)
+    came_back: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
+
+    def receive(delivery: Delivery) -> None:
+        if not came_back.done():
+            came_back.set_result(delivery)
+
+    subscription = await runtime.broker.subscribe(TIMER_QUEUE, 10, receive)
+    batch = msgspec.structs.replace(
+        TaskMessage.for_task("", 0, RESPONSE), batch=(("a", 1), ("b", 2))
+    )
+    held = _Held(batch)
+    try:
+        await runtime.store.close()
+        await Scheduler(runtime)._handle_timer(held)  # its consumers not started
+        again = await asyncio.wait_for(came_back, timeout=15)
+    finally:
+        await subscription.cancel()
+        await runtime.stop()
+    assert held.settled == "ack"
+    assert (again.message.kind, again.message.batch) == (RESPONSE, batch.batch)
 
 
 async def purge(baton: Baton, queue: str, request: pytest.FixtureRequest) -> None:

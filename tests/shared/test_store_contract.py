@@ -262,6 +262,42 @@ async def test_inserting_a_workflow_id_twice_raises_duplicate_key(
     assert await store.get_workflow("wf-1") == make_workflow()
 
 
+async def test_get_tasks_returns_the_tasks_that_exist_with_their_versions(
+    store: Store,
+) -> None:
+    await store.insert_workflow(make_workflow())
+    ids = [f"t-{n}" for n in range(1200)]
+    await store.insert_tasks([make_task(task_id) for task_id in ids])
+    moved = await store.transition_task("t-7", ("SCHEDULED",), {"status": "CANCELED"})
+    assert moved is not None
+
+    found = await store.get_tasks([*ids, "missing", "t-7"])
+
+    assert sorted(entry.task.taskId for entry in found) == sorted(ids)
+    versions = {entry.task.taskId: entry.version for entry in found}
+    assert versions["t-7"] == 1 and versions["t-8"] == 0
+    assert await store.get_tasks([]) == []
+
+
+async def test_a_failed_write_undoes_only_itself_among_concurrent_writes(
+    store: Store,
+) -> None:
+    # Issued together, the embedded store runs these in one transaction.
+    await store.insert_workflow(make_workflow())
+    outcomes = await asyncio.gather(
+        store.insert_workflow(make_workflow("wf-2"), [make_task("t-2")]),
+        store.insert_workflow(make_workflow(workflowName="other")),
+        store.insert_tasks([make_task("t-3", seq=2)]),
+        return_exceptions=True,
+    )
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], DuplicateKey)
+    assert await store.get_workflow("wf-1") == make_workflow()
+    assert await store.get_workflow("wf-2") is not None
+    assert await store.get_task("t-2") is not None
+    assert await store.get_task("t-3") is not None
+
+
 async def test_finishing_a_workflow_applies_its_patch_only_once(
     store: Store,
 ) -> None:
@@ -277,6 +313,15 @@ async def test_finishing_a_workflow_applies_its_patch_only_once(
     assert again is None
     assert await store.get_workflow("wf-1") == expected
     assert await store.finish_workflow("none", "TERMINATED", {}) is None
+
+
+async def test_running_workflow_ids_list_only_running_workflows(
+    store: Store,
+) -> None:
+    for workflow_id in ("wf-1", "wf-2", "wf-3"):
+        await store.insert_workflow(make_workflow(workflow_id))
+    await store.finish_workflow("wf-2", "COMPLETED", {})
+    assert sorted(await store.running_workflow_ids()) == ["wf-1", "wf-3"]
 
 
 async def test_finishing_a_workflow_can_clear_a_field(store: Store) -> None:

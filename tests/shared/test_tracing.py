@@ -231,6 +231,8 @@ async def test_untraced_runtime_wraps_nothing(tmp_path: Path) -> None:
         {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x", "OTEL_SDK_DISABLED": "true"}
     )
     assert setup_tracing("baton", {}, install=False) is None
+    if not tracing_configured():
+        assert tracing_middleware(None) is None
     runtime = Runtime(
         Settings(sqlite_path=str(tmp_path / "baton.db")),
         tracer_provider=None,
@@ -247,7 +249,9 @@ async def test_server_error_sets_error_status(
     async def broken(request: web.Request) -> web.Response:
         raise web.HTTPServiceUnavailable()
 
-    app = web.Application(middlewares=[tracing_middleware(provider)])
+    middleware = tracing_middleware(provider)
+    assert middleware is not None
+    app = web.Application(middlewares=[middleware])
     app.router.add_get("/broken/{name}", broken)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()

@@ -1,0 +1,108 @@
+"""A private MongoDB wire server that a scenario may stop, restart or freeze.
+
+The suite's own MongoDB (see tests/fixtures/mongodb.py) is shared by every
+test of the session, so the scenarios that take the store away run their
+own `nx-27017` server (MongoDB's wire protocol on SQLite), on a port and a
+data directory of their own. Stopped and started again on the same port
+and directory, it keeps what it stored.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pymongo import MongoClient
+from pymongo.errors import PyMongoError
+
+from tests.chaos.rabbitmq_node import free_port
+
+STARTUP_TIMEOUT_S = 30.0
+
+
+class MongoServer:
+    """One nx-27017 process, restartable on the same port and data."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        """The server's MongoDB URL."""
+        return f"mongodb://127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        """Start the server and wait until it answers a ping."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.starts += 1
+        log = (self.directory / f"server-{self.starts}.log").open("wb")
+        with log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "nx_27017.nx_27017",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--data-dir",
+                    str(self.directory / "databases"),
+                    "--pid-file",
+                    str(self.directory / "nx-27017.pid"),
+                    "--log-file",
+                    str(self.directory / "nx-27017.log"),
+                ],
+                cwd=self.directory,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self._wait_for_ping()
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) and reap it."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        os.kill(process.pid, signal.SIGCONT)
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open and nothing answers."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT: the server carries on where it stopped."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def _wait_for_ping(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        client: MongoClient[dict[str, object]]
+        with MongoClient(self.url, serverSelectionTimeoutMS=500) as client:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"nx-27017 exited with {self.process.returncode}"
+                    )
+                try:
+                    client.admin.command("ping")
+                    return
+                except PyMongoError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
