@@ -161,8 +161,9 @@ async def timed(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = 499
         raise
     finally:
-        request.app[OPERATIONS].metrics.http_duration.labels(
-            method=request.method, route=route_template(request), status=str(status)
+        metrics = request.app[OPERATIONS].metrics
+        metrics.child(
+            metrics.http_duration, request.method, route_template(request), str(status)
         ).observe(time.monotonic() - started)
 
 

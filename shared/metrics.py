@@ -13,6 +13,7 @@ are set by the process that serves a scrape, just before it renders.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -28,6 +29,8 @@ from shared.interfaces import Delivery, QueueStats
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 """The media type of `Metrics.render`'s output."""
 
+_M = TypeVar("_M", Counter, Histogram)
+
 _POLL_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -37,6 +40,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        # labels() validates and locks on every call; children of counters
+        # and histograms are never removed, so they are looked up once.
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.queue_depth = Gauge(
             "baton_queue_depth",
             "Messages ready in a task queue, as the broker reports them.",
@@ -108,21 +114,32 @@ class Metrics:
             registry=r,
         )
 
+    def child(self, metric: _M, *values: str) -> _M:
+        """`metric.labels(*values)`, looked up once per label values.
+
+        Only for counters and histograms: their children are never removed.
+        """
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
+
     def poll_answered(
         self, task_type: str, handed_out: int, waited_seconds: float
     ) -> None:
         """Count one answered poll that handed out `handed_out` tasks."""
         result = "tasks" if handed_out else "empty"
-        self.polls.labels(task_type=task_type, result=result).inc()
+        self.child(self.polls, task_type, result).inc()
         self.poll_wait.observe(max(0.0, waited_seconds))
         if handed_out:
-            self.tasks_handed_out.labels(task_type=task_type).inc(handed_out)
+            self.child(self.tasks_handed_out, task_type).inc(handed_out)
 
     def taken(self, task_type: str, deliveries: Sequence[Delivery]) -> None:
         """Count the redelivered ones among deliveries a poll took."""
         redelivered = sum(1 for d in deliveries if d.redelivered)
         if redelivered:
-            self.redeliveries.labels(task_type=task_type).inc(redelivered)
+            self.child(self.redeliveries, task_type).inc(redelivered)
 
     def set_queues(self, queues: Iterable[tuple[str, QueueStats]]) -> None:
         """Replace the queue gauges with `(logical queue name, stats)` pairs."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -47,8 +48,18 @@ def configure_logging(level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+_GC_YOUNG_THRESHOLD = 20_000
+
+
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """Run a main coroutine to its end, on uvloop where it is installed."""
+    """Run a main coroutine to its end, on uvloop where it is installed.
+
+    Every request allocates many short-lived objects that reference
+    counting frees; collecting the youngest generation after every 700
+    allocations (CPython's default) costs a few percent of the CPU for
+    little garbage, so it runs less often here.
+    """
+    gc.set_threshold(_GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     try:
         import uvloop
     except ImportError:

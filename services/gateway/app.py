@@ -21,7 +21,6 @@ from services.health import (
     Readiness,
     add_health_routes,
     timed,
-    unavailable,
 )
 from shared.errors import BatonError, TooManyRequests
 from shared.metrics import Metrics
@@ -113,22 +112,6 @@ def _backend_failure(exc: Exception) -> bool:
     return type(exc).__module__.partition(".")[0] in _ADAPTER_PACKAGES
 
 
-_POLL_PREFIX = "/api/tasks/poll/"
-
-
-@web.middleware
-async def refuse_polls_when_draining(
-    request: web.Request, handler: Handler
-) -> web.StreamResponse:
-    """Answer polls with 503 once the gateway shuts down, so that workers
-    take their next poll to another replica instead of waiting here."""
-    if request.app[OPERATIONS].readiness.draining and request.path.startswith(
-        _POLL_PREFIX
-    ):
-        return unavailable("the gateway is shutting down; poll another replica")
-    return await handler(request)
-
-
 def build_app(
     runtime: Runtime,
     *,
@@ -151,7 +134,6 @@ def build_app(
         timed,
         errors_as_json,
         require_token if settings.auth_keys else None,
-        refuse_polls_when_draining,
     ]
     app = web.Application(
         middlewares=[layer for layer in layers if layer is not None],

@@ -22,6 +22,7 @@ from services.gateway.http import (
     text_response,
 )
 from services.gateway.poller import answer, give_back
+from services.health import OPERATIONS, unavailable
 from shared.errors import BadRequest
 from shared.metrics import METRICS
 from shared.models import ResultStatus, TaskResult
@@ -34,8 +35,18 @@ _RESULT_STATUSES = ("IN_PROGRESS", "FAILED", "FAILED_WITH_TERMINAL_ERROR", "COMP
 _OutputMap = dict[str, Any]
 
 
+def _draining(request: web.Request) -> web.Response | None:
+    """A 503 for a poll once the gateway shuts down, so that workers take
+    their next poll to another replica instead of waiting here."""
+    if request.app[OPERATIONS].readiness.draining:
+        return unavailable("the gateway is shutting down; poll another replica")
+    return None
+
+
 @routes.get("/api/tasks/poll/batch/{taskType}", allow_head=False)
 async def poll_batch(request: web.Request) -> web.StreamResponse:
+    if refused := _draining(request):
+        return refused
     ctx = context(request)
     task_type = path_name(request, "taskType")
     domain = query_name(request, "domain")
@@ -56,6 +67,8 @@ async def poll_batch(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/api/tasks/poll/{taskType}", allow_head=False)
 async def poll_one(request: web.Request) -> web.StreamResponse:
+    if refused := _draining(request):
+        return refused
     ctx = context(request)
     task_type = path_name(request, "taskType")
     domain = query_name(request, "domain")
@@ -83,7 +96,7 @@ async def _poll_single(
 @routes.post("/api/tasks")
 async def update_v1(request: web.Request) -> web.StreamResponse:
     result = await decode_body(request, TaskResult)
-    METRICS.updates.labels(status=result.status).inc()
+    METRICS.child(METRICS.updates, str(result.status)).inc()
     task = await context(request).engine.update_task(result)
     return text_response(task.taskId)
 
@@ -92,7 +105,7 @@ async def update_v1(request: web.Request) -> web.StreamResponse:
 async def update_v2(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
     result = await decode_body(request, TaskResult)
-    METRICS.updates.labels(status=result.status).inc()
+    METRICS.child(METRICS.updates, str(result.status)).inc()
     update = await ctx.engine.record_update(result)
     task = update.task
     # The update stands whatever follows: a saturated gateway skips the
@@ -136,7 +149,7 @@ async def update_by_reference(request: web.Request) -> web.StreamResponse:
             invalid_value=status,
         )
     output = await decode_body(request, _OutputMap)
-    METRICS.updates.labels(status=status).inc()
+    METRICS.child(METRICS.updates, status).inc()
     task_id = await context(request).engine.update_task_by_ref(
         request.match_info["workflowId"],
         request.match_info["taskRefName"],

@@ -239,8 +239,6 @@ def _transition(
         return None
     task = msgspec.structs.replace(_decode_task(row[2]), **changes)
     blob = _encode(task)
-    # Decoding what is stored validates the patched values.
-    task = _decode_task(blob)
     version = row[1] + 1
     conn.execute(
         "UPDATE tasks SET workflow_id = ?, seq = ?, status = ?, "
@@ -545,8 +543,6 @@ class SQLiteStore(Store):
                 return None
             updated = msgspec.structs.replace(_decode_workflow(row[1]), **changes)
             blob = _encode(updated)
-            # Decoding what is stored validates the patched values.
-            updated = _decode_workflow(blob)
             conn.execute(
                 "UPDATE workflows SET status = ?, doc = ? WHERE id = ?",
                 (updated.status, blob, workflow_id),
