@@ -17,7 +17,7 @@ from services.scheduler.service import Scheduler
 from shared.config import Settings
 from shared.engine import retry_delay
 from shared.interfaces import TIMER_QUEUE, Delivery, TaskMessage
-from shared.models import TaskDef
+from shared.models import TaskDef, Workflow
 from shared.runtime import Runtime
 from shared.timers import RESPONSE
 from tests.services.conftest import Baton, unique
@@ -266,6 +266,46 @@ async def test_reconciliation_resumes_a_workflow_stalled_after_its_task_ended(
     workflow = await baton.workflow(workflow_id)
     assert workflow["status"] == "COMPLETED"
     assert workflow["output"] == {"value": 3}
+
+
+async def test_reconciliation_schedules_the_first_task_of_a_workflow_stored_without_it(
+    baton: Baton,
+) -> None:
+    """A start cut short between its two writes (MongoDB stores the
+    workflow, then its first task) leaves a RUNNING workflow with no task:
+    a sweep schedules that task, once."""
+    task_type = unique("unstarted")
+    name = unique("wf")
+    await baton.register_workflow(name, [task_type])
+    definition = await baton.runtime.store.get_workflow_def(name)
+    assert definition is not None
+    now = int(time.time() * 1000)
+    workflow = Workflow(
+        workflowId=unique("orphan"),
+        workflowName=name,
+        workflowVersion=definition.version,
+        status="RUNNING",
+        input={"x": 5},
+        createTime=now,
+        startTime=now,
+        updateTime=now,
+        workflowDefinition=definition,
+    )
+    await baton.runtime.store.insert_workflow(workflow)
+    assert await baton.poll(task_type, timeout=0) == []
+
+    result = await baton.scheduler.reconciler.sweep(grace_ms=0)
+    assert result.resumed_workflows == 1
+    again = await baton.scheduler.reconciler.sweep(grace_ms=0)
+    assert again.resumed_workflows == 0
+
+    task = await baton.poll_until(task_type)
+    assert task["workflowInstanceId"] == workflow.workflowId
+    assert task["inputData"] == {"value": 5}
+    await baton.complete(task, {"value": 6})
+    finished = await baton.workflow(workflow.workflowId)
+    assert finished["status"] == "COMPLETED"
+    assert [t["taskId"] for t in finished["tasks"]] == [task["taskId"]]
 
 
 class _Held(Delivery):
