@@ -16,9 +16,13 @@ from shared.models import TaskDef, WorkflowDef
 from shared.queues import check_name
 
 _T = TypeVar("_T")
+_MAX_ENTRIES = 10_000
 
 
 class _TimedCache(Generic[_T]):
+    """Entries live `ttl_ms`; past `_MAX_ENTRIES`, the expired ones go, and
+    all of them if none had expired."""
+
     def __init__(self, ttl_ms: int) -> None:
         self._ttl = ttl_ms / 1000
         self._entries: dict[object, tuple[float, _T]] = {}
@@ -30,8 +34,13 @@ class _TimedCache(Generic[_T]):
         return entry[1]
 
     def put(self, key: object, value: _T) -> None:
-        if self._ttl > 0:
-            self._entries[key] = (time.monotonic() + self._ttl, value)
+        if self._ttl <= 0:
+            return
+        now = time.monotonic()
+        if len(self._entries) >= _MAX_ENTRIES:
+            fresh = {k: e for k, e in self._entries.items() if e[0] >= now}
+            self._entries = fresh if len(fresh) < _MAX_ENTRIES else {}
+        self._entries[key] = (now + self._ttl, value)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -89,7 +98,7 @@ class DefinitionCache:
 
     def __init__(self, store: Store, ttl_ms: int) -> None:
         self._store = store
-        self._tasks: _TimedCache[TaskDef | None] = _TimedCache(ttl_ms)
+        self._tasks: _TimedCache[TaskDef] = _TimedCache(ttl_ms)
         self._workflows: _TimedCache[WorkflowDef] = _TimedCache(ttl_ms)
 
     async def task_def(self, name: str, inline: TaskDef | None = None) -> TaskDef:
@@ -102,9 +111,12 @@ class DefinitionCache:
             return inline
         cached = self._tasks.get(name)
         if cached is None:
-            cached = await self._store.get_task_def(name)
+            # An unregistered type is cached with the defaults too: polls
+            # look its definition up, and would otherwise read the store
+            # every time.
+            cached = await self._store.get_task_def(name) or TaskDef(name=name)
             self._tasks.put(name, cached)
-        return cached if cached is not None else TaskDef(name=name)
+        return cached
 
     async def workflow_def(self, name: str, version: int | None) -> WorkflowDef:
         """Return a workflow definition, the latest version if None.

@@ -211,6 +211,14 @@ class Engine:
             self.timers.arm_handed_out(tasks, versions)
         return tasks
 
+    async def room(self, task_type: str) -> int | None:
+        """How many more tasks of `task_type` may be IN_PROGRESS under its
+        definition's `concurrentExecLimit`; None when it sets none."""
+        limit = (await self.definitions.task_def(task_type)).concurrentExecLimit
+        if not limit:
+            return None
+        return max(0, limit - await self.store.count_in_progress(task_type))
+
     async def ack(self, task_id: str, worker_id: str | None) -> bool:
         """Acknowledge that `worker_id` holds `task_id` in progress.
 

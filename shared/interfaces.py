@@ -336,6 +336,11 @@ class Store(ABC):
     async def running_workflow_ids(self) -> list[str]:
         """Return the ids of RUNNING workflows; served by an index."""
 
+    @abstractmethod
+    async def count_in_progress(self, task_type: str) -> int:
+        """Count the IN_PROGRESS tasks of a type, every domain included;
+        served by an index."""
+
     # History.
 
     @abstractmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Sequence
 
 from aiohttp import web
@@ -43,6 +44,10 @@ class Poller:
         self._polls = polls
         self._max_active = max_active
         self._active = 0
+        # Per task type, the tasks that polls of this gateway may still
+        # claim under a concurrentExecLimit: not yet IN_PROGRESS in the
+        # store, so not in its count.
+        self._reserved: Counter[str] = Counter()
 
     @property
     def saturated(self) -> bool:
@@ -81,6 +86,37 @@ class Poller:
             self._active -= 1
 
     async def _poll(
+        self,
+        request: web.Request,
+        task_type: str,
+        domain: str | None,
+        worker_id: str | None,
+        count: int,
+        timeout_ms: int,
+    ) -> tuple[list[Task], list[Delivery]]:
+        room = await self._engine.room(task_type)
+        if room is None:
+            return await self._take(
+                request, task_type, domain, worker_id, count, timeout_ms
+            )
+        # A type at its concurrentExecLimit answers at once, as Conductor
+        # does: a poll waiting for room would hold deliveries it may not
+        # hand out.
+        room -= self._reserved[task_type]
+        if room <= 0:
+            return [], []
+        count = min(count, room)
+        self._reserved[task_type] += count
+        try:
+            return await self._take(
+                request, task_type, domain, worker_id, count, timeout_ms
+            )
+        finally:
+            self._reserved[task_type] -= count
+            if self._reserved[task_type] <= 0:
+                del self._reserved[task_type]
+
+    async def _take(
         self,
         request: web.Request,
         task_type: str,

@@ -471,6 +471,12 @@ class MongoStore(Store):
             cursor = self._coll("workflows").find({"status": "RUNNING"}, {"_id": 1})
             return [doc["_id"] async for doc in cursor]
 
+    async def count_in_progress(self, task_type: str) -> int:
+        with _translated("count_in_progress"):
+            return await self._coll("tasks").count_documents(
+                {"status": "IN_PROGRESS", "taskType": task_type}
+            )
+
     async def _tasks_in(
         self, status: str, task_type: str | None
     ) -> list[VersionedTask]:

@@ -718,6 +718,16 @@ class SQLiteStore(Store):
         )
         return [row[0] for row in rows]
 
+    async def count_in_progress(self, task_type: str) -> int:
+        row = await self._call(
+            lambda conn: conn.execute(
+                "SELECT COUNT(*) FROM tasks "
+                "WHERE status = 'IN_PROGRESS' AND task_type = ?",
+                (task_type,),
+            ).fetchone()
+        )
+        return int(row[0])
+
     async def _tasks_in(
         self, status: str, task_type: str | None
     ) -> list[VersionedTask]:

@@ -63,6 +63,7 @@ _SQL_OPERATIONS = {
     "findAndModify": "UPDATE",
     "delete": "DELETE",
     "bulkWrite": "INSERT",
+    "aggregate": "SELECT",
 }
 
 
@@ -491,6 +492,12 @@ class TracedStore(Store):
         """Traced `Store.running_workflow_ids`."""
         with self._span("find", "workflows", "running_workflow_ids"):
             return await self.inner.running_workflow_ids()
+
+    async def count_in_progress(self, task_type: str) -> int:
+        """Traced `Store.count_in_progress`."""
+        attributes: Attributes = {"baton.task_type": task_type}
+        with self._span("aggregate", "tasks", "count_in_progress", attributes):
+            return await self.inner.count_in_progress(task_type)
 
     # History.
 

@@ -405,3 +405,35 @@ async def test_single_poll_hands_out_one_task(baton: Baton) -> None:
     assert (task["status"], task["workerId"]) == ("IN_PROGRESS", "solo")
     status, body = await baton.request("GET", f"/tasks/poll/{task_type}")
     assert (status, body) == (204, "")
+
+
+async def test_concurrent_exec_limit_caps_the_tasks_in_progress(baton: Baton) -> None:
+    task_type = unique("limited")
+    status, body = await baton.request(
+        "POST",
+        "/metadata/taskdefs",
+        json=[{"name": task_type, "concurrentExecLimit": 2}],
+    )
+    assert status == 200, body
+    name = unique("wf")
+    await baton.register_workflow(name, [task_type])
+    started = {await baton.start(name) for _ in range(3)}
+
+    handed: list[dict[str, object]] = []
+    while len(handed) < 2:
+        batch = await baton.poll(task_type, count=5, timeout=2000)
+        assert 1 <= len(batch) <= 2 - len(handed)
+        handed.extend(batch)
+    # Two in progress: the third task stays queued.
+    assert await baton.poll(task_type, count=5, timeout=1000) == []
+
+    # Completing one makes room, and the chained poll of update-v2 fills it.
+    result = {
+        "taskId": handed[0]["taskId"],
+        "workflowInstanceId": handed[0]["workflowInstanceId"],
+        "workerId": "worker-1",
+        "status": "COMPLETED",
+    }
+    status, third = await baton.request("POST", "/tasks/update-v2", json=result)
+    assert status == 200, third
+    assert {t["workflowInstanceId"] for t in [*handed, third]} == started

@@ -660,6 +660,27 @@ async def test_scheduled_tasks_lists_only_scheduled_ones_with_versions(
     assert await store.scheduled_tasks("none") == []
 
 
+async def test_count_in_progress_counts_one_type_in_every_domain(store: Store) -> None:
+    await store.insert_tasks(
+        [
+            make_task("a", seq=1),
+            make_task("b", seq=2, domain="blue"),
+            make_task("c", seq=3),
+            make_task("d", seq=4, task_type="resize"),
+            make_task("e", seq=5, status="COMPLETED"),
+        ]
+    )
+    assert await store.count_in_progress("encode") == 0
+    await store.claim_tasks([message("a"), message("b"), message("d")], "w1", NOW)
+    assert await store.count_in_progress("encode") == 2
+    assert await store.count_in_progress("resize") == 1
+    assert await store.count_in_progress("none") == 0
+
+    done = await store.transition_task("a", {"IN_PROGRESS"}, {"status": "COMPLETED"})
+    assert done is not None
+    assert await store.count_in_progress("encode") == 1
+
+
 # Failures.
 
 
