@@ -30,6 +30,7 @@ from shared.config import Settings
 from shared.definitions import DefinitionCache, validate_workflow_def
 from shared.errors import (
     BadRequest,
+    BatonError,
     BrokerError,
     Conflict,
     NotFound,
@@ -37,7 +38,7 @@ from shared.errors import (
 )
 from shared.expressions import referenced_tasks, resolve
 from shared.ids import random_uuid
-from shared.interfaces import Broker, Store, TaskMessage, VersionedTask
+from shared.interfaces import Broker, RateWindow, Store, TaskMessage, VersionedTask
 from shared.metrics import METRICS
 from shared.models import (
     PENDING_TASK_STATUSES,
@@ -218,6 +219,35 @@ class Engine:
         if not limit:
             return None
         return max(0, limit - await self.store.count_in_progress(task_type))
+
+    async def rate_slots(
+        self, task_type: str, wanted: int
+    ) -> tuple[int, RateWindow] | None:
+        """Reserve up to `wanted` hand-outs of `task_type` under its
+        definition's `rateLimitPerFrequency` per
+        `rateLimitFrequencyInSeconds` (1 when unset); return how many were
+        granted and in which window, or None when it sets no rate."""
+        definition = await self.definitions.task_def(task_type)
+        limit = definition.rateLimitPerFrequency
+        if not limit:
+            return None
+        seconds = definition.rateLimitFrequencyInSeconds or 1
+        window = RateWindow.at(now_ms(), seconds * 1000)
+        return await self.store.take_rate_slots(
+            task_type, window, limit, wanted
+        ), window
+
+    async def release_rate_slots(
+        self, task_type: str, window: RateWindow, count: int
+    ) -> None:
+        """Give back slots that no hand-out used. A failure only leaves
+        them unused until the window ends, so it is logged, not raised."""
+        try:
+            await self.store.release_rate_slots(task_type, window, count)
+        except BatonError as exc:
+            log.warning(
+                "giving back %d rate slots of %s failed: %s", count, task_type, exc
+            )
 
     async def ack(self, task_id: str, worker_id: str | None) -> bool:
         """Acknowledge that `worker_id` holds `task_id` in progress.

@@ -179,6 +179,18 @@ class Broker(ABC):
         process holds unsettled (brokers do not report other consumers')."""
 
 
+class RateWindow(NamedTuple):
+    """A fixed window of a task type's rate limit, in epoch milliseconds."""
+
+    start_ms: int
+    length_ms: int
+
+    @classmethod
+    def at(cls, now_ms: int, length_ms: int) -> RateWindow:
+        """The window of `length_ms` that holds `now_ms`."""
+        return cls(now_ms - now_ms % length_ms, length_ms)
+
+
 class Store(ABC):
     """Tasks, workflows, definitions, results, logs and poll data.
 
@@ -340,6 +352,21 @@ class Store(ABC):
     async def count_in_progress(self, task_type: str) -> int:
         """Count the IN_PROGRESS tasks of a type, every domain included;
         served by an index."""
+
+    @abstractmethod
+    async def take_rate_slots(
+        self, task_type: str, window: RateWindow, limit: int, wanted: int
+    ) -> int:
+        """Reserve up to `wanted` hand-outs of `task_type` in `window`, at
+        most `limit` in it across every caller; return how many were
+        granted (0 to `wanted`). Records of ended windows may be dropped."""
+
+    @abstractmethod
+    async def release_rate_slots(
+        self, task_type: str, window: RateWindow, count: int
+    ) -> None:
+        """Give back `count` slots of `window` that `take_rate_slots`
+        granted and no hand-out used."""
 
     # History.
 

@@ -94,27 +94,56 @@ class Poller:
         count: int,
         timeout_ms: int,
     ) -> tuple[list[Task], list[Delivery]]:
+        # A type at its concurrentExecLimit, or out of its rate, answers at
+        # once, as Conductor does: a poll waiting for room would hold
+        # deliveries it may not hand out.
         room = await self._engine.room(task_type)
         if room is None:
-            return await self._take(
+            return await self._rate_limited(
                 request, task_type, domain, worker_id, count, timeout_ms
             )
-        # A type at its concurrentExecLimit answers at once, as Conductor
-        # does: a poll waiting for room would hold deliveries it may not
-        # hand out.
         room -= self._reserved[task_type]
         if room <= 0:
             return [], []
         count = min(count, room)
         self._reserved[task_type] += count
         try:
-            return await self._take(
+            return await self._rate_limited(
                 request, task_type, domain, worker_id, count, timeout_ms
             )
         finally:
             self._reserved[task_type] -= count
             if self._reserved[task_type] <= 0:
                 del self._reserved[task_type]
+
+    async def _rate_limited(
+        self,
+        request: web.Request,
+        task_type: str,
+        domain: str | None,
+        worker_id: str | None,
+        count: int,
+        timeout_ms: int,
+    ) -> tuple[list[Task], list[Delivery]]:
+        slots = await self._engine.rate_slots(task_type, count)
+        if slots is None:
+            return await self._take(
+                request, task_type, domain, worker_id, count, timeout_ms
+            )
+        granted, window = slots
+        if granted == 0:
+            return [], []
+        tasks: list[Task] = []
+        try:
+            tasks, deliveries = await self._take(
+                request, task_type, domain, worker_id, granted, timeout_ms
+            )
+            return tasks, deliveries
+        finally:
+            if len(tasks) < granted:
+                await self._engine.release_rate_slots(
+                    task_type, window, granted - len(tasks)
+                )
 
     async def _take(
         self,

@@ -8,6 +8,7 @@ winners, whatever the batch size.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from shared.clock import now_ms
 from shared.errors import DuplicateKey, StoreError
-from shared.interfaces import Store, TaskMessage, VersionedTask
+from shared.interfaces import RateWindow, Store, TaskMessage, VersionedTask
 from shared.models import (
     PollData,
     Task,
@@ -51,6 +52,8 @@ _WORKFLOW_PATCH_FIELDS: Final = frozenset(Workflow.__struct_fields__) - {
     "workflowId",
     "tasks",
 }
+_RATE_ATTEMPTS: Final = 8
+_RATE_RECORD_KEPT_MS: Final = 60_000
 
 
 _T = TypeVar("_T")
@@ -196,6 +199,10 @@ class MongoStore(Store):
             [("name", ASCENDING), ("version", ASCENDING)], unique=True
         )
         await self._coll("workflows").create_index([("status", ASCENDING)])
+        # A rate window's record goes a while after the window ends.
+        await self._coll("rate_windows").create_index(
+            [("expiresAt", ASCENDING)], expireAfterSeconds=0
+        )
 
     async def close(self) -> None:
         client, self._client, self._db = self._client, None, None
@@ -475,6 +482,52 @@ class MongoStore(Store):
         with _translated("count_in_progress"):
             return await self._coll("tasks").count_documents(
                 {"status": "IN_PROGRESS", "taskType": task_type}
+            )
+
+    async def take_rate_slots(
+        self, task_type: str, window: RateWindow, limit: int, wanted: int
+    ) -> int:
+        # Read the window's count, then add to it only if it is unchanged:
+        # a caller that lost the race reads again.
+        key = f"{task_type}@{window.start_ms}"
+        windows = self._coll("rate_windows")
+        with _translated("take_rate_slots"):
+            for _ in range(_RATE_ATTEMPTS):
+                doc = await windows.find_one({"_id": key}, {"used": 1})
+                used = int(doc["used"]) if doc else 0
+                granted = min(wanted, limit - used)
+                if granted <= 0:
+                    return 0
+                if doc is None:
+                    expires = window.start_ms + window.length_ms + _RATE_RECORD_KEPT_MS
+                    try:
+                        await windows.insert_one(
+                            {
+                                "_id": key,
+                                "taskType": task_type,
+                                "used": granted,
+                                "expiresAt": datetime.datetime.fromtimestamp(
+                                    expires / 1000, datetime.UTC
+                                ),
+                            }
+                        )
+                    except DuplicateKeyError:
+                        continue
+                    return granted
+                changed = await windows.update_one(
+                    {"_id": key, "used": used}, {"$inc": {"used": granted}}
+                )
+                if changed.modified_count:
+                    return granted
+        return 0
+
+    async def release_rate_slots(
+        self, task_type: str, window: RateWindow, count: int
+    ) -> None:
+        with _translated("release_rate_slots"):
+            await self._coll("rate_windows").update_one(
+                {"_id": f"{task_type}@{window.start_ms}", "used": {"$gte": count}},
+                {"$inc": {"used": -count}},
             )
 
     async def _tasks_in(

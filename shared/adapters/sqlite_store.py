@@ -24,7 +24,7 @@ import msgspec
 from msgspec import UNSET
 
 from shared.errors import DuplicateKey, StoreError
-from shared.interfaces import Store, TaskMessage, VersionedTask
+from shared.interfaces import RateWindow, Store, TaskMessage, VersionedTask
 from shared.models import (
     PollData,
     Task,
@@ -101,6 +101,12 @@ CREATE TABLE IF NOT EXISTS poll_data (
 );
 CREATE TABLE IF NOT EXISTS queues (
     name TEXT PRIMARY KEY
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rate_windows (
+    task_type TEXT NOT NULL,
+    period INTEGER NOT NULL,
+    used INTEGER NOT NULL,
+    PRIMARY KEY (task_type, period)
 ) WITHOUT ROWID;
 """
 
@@ -727,6 +733,44 @@ class SQLiteStore(Store):
             ).fetchone()
         )
         return int(row[0])
+
+    async def take_rate_slots(
+        self, task_type: str, window: RateWindow, limit: int, wanted: int
+    ) -> int:
+        period = window.start_ms
+
+        def take(conn: sqlite3.Connection) -> int:
+            conn.execute(
+                "DELETE FROM rate_windows WHERE task_type = ? AND period < ?",
+                (task_type, period),
+            )
+            row = conn.execute(
+                "SELECT used FROM rate_windows WHERE task_type = ? AND period = ?",
+                (task_type, period),
+            ).fetchone()
+            granted = max(0, min(wanted, limit - (row[0] if row else 0)))
+            if granted:
+                conn.execute(
+                    "INSERT INTO rate_windows (task_type, period, used) "
+                    "VALUES (?, ?, ?) ON CONFLICT (task_type, period) "
+                    "DO UPDATE SET used = used + excluded.used",
+                    (task_type, period, granted),
+                )
+            return granted
+
+        return await self._call(take)
+
+    async def release_rate_slots(
+        self, task_type: str, window: RateWindow, count: int
+    ) -> None:
+        def release(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE rate_windows SET used = MAX(0, used - ?) "
+                "WHERE task_type = ? AND period = ?",
+                (count, task_type, window.start_ms),
+            ).close()
+
+        await self._call(release)
 
     async def _tasks_in(
         self, status: str, task_type: str | None

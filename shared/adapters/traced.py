@@ -36,6 +36,7 @@ from shared.interfaces import (
     Delivery,
     DeliveryCallback,
     QueueStats,
+    RateWindow,
     Store,
     Subscription,
     TaskMessage,
@@ -498,6 +499,22 @@ class TracedStore(Store):
         attributes: Attributes = {"baton.task_type": task_type}
         with self._span("aggregate", "tasks", "count_in_progress", attributes):
             return await self.inner.count_in_progress(task_type)
+
+    async def take_rate_slots(
+        self, task_type: str, window: RateWindow, limit: int, wanted: int
+    ) -> int:
+        """Traced `Store.take_rate_slots`."""
+        attributes: Attributes = {"baton.task_type": task_type}
+        with self._span("update", "rate_windows", "take_rate_slots", attributes):
+            return await self.inner.take_rate_slots(task_type, window, limit, wanted)
+
+    async def release_rate_slots(
+        self, task_type: str, window: RateWindow, count: int
+    ) -> None:
+        """Traced `Store.release_rate_slots`."""
+        attributes: Attributes = {"baton.task_type": task_type}
+        with self._span("update", "rate_windows", "release_rate_slots", attributes):
+            await self.inner.release_rate_slots(task_type, window, count)
 
     # History.
 

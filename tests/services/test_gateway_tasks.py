@@ -437,3 +437,32 @@ async def test_concurrent_exec_limit_caps_the_tasks_in_progress(baton: Baton) ->
     status, third = await baton.request("POST", "/tasks/update-v2", json=result)
     assert status == 200, third
     assert {t["workflowInstanceId"] for t in [*handed, third]} == started
+
+
+async def test_rate_limit_caps_the_tasks_handed_out_per_window(baton: Baton) -> None:
+    task_type = unique("rated")
+    # A day-long window: the test does not straddle two of them.
+    definition = {
+        "name": task_type,
+        "rateLimitPerFrequency": 2,
+        "rateLimitFrequencyInSeconds": 86_400,
+    }
+    status, body = await baton.request("POST", "/metadata/taskdefs", json=[definition])
+    assert status == 200, body
+    name = unique("wf")
+    await baton.register_workflow(name, [task_type])
+    started = {await baton.start(name) for _ in range(3)}
+
+    handed: list[dict[str, object]] = []
+    while len(handed) < 2:
+        batch = await baton.poll(task_type, count=5, timeout=2000)
+        assert 1 <= len(batch) <= 2 - len(handed)
+        handed.extend(batch)
+    # Finished tasks do not give their hand-outs back: the rate is spent.
+    for task in handed:
+        assert (await baton.complete(task))[0] == 200
+    assert await baton.poll(task_type, count=5, timeout=1000) == []
+    [waiting] = started - {task["workflowInstanceId"] for task in handed}
+    assert [t["status"] for t in (await baton.workflow(waiting))["tasks"]] == [
+        "SCHEDULED"
+    ]

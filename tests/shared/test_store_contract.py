@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from msgspec import UNSET
 from shared.adapters.mongo_store import MongoStore
 from shared.adapters.sqlite_store import SQLiteStore
 from shared.errors import DuplicateKey, StoreError
-from shared.interfaces import Store, TaskMessage, VersionedTask
+from shared.interfaces import RateWindow, Store, TaskMessage, VersionedTask
 from shared.models import (
     PollData,
     Task,
@@ -679,6 +680,36 @@ async def test_count_in_progress_counts_one_type_in_every_domain(store: Store) -
     done = await store.transition_task("a", {"IN_PROGRESS"}, {"status": "COMPLETED"})
     assert done is not None
     assert await store.count_in_progress("encode") == 1
+
+
+async def test_rate_slots_are_granted_up_to_the_limit_of_a_window(
+    store: Store,
+) -> None:
+    # The current time: a store may drop the records of ended windows.
+    now = int(time.time() * 1000)
+    first = RateWindow.at(now, 10_000)
+    assert await store.take_rate_slots("encode", first, 5, 3) == 3
+    assert await store.take_rate_slots("encode", first, 5, 3) == 2
+    assert await store.take_rate_slots("encode", first, 5, 1) == 0
+    assert await store.take_rate_slots("resize", first, 5, 4) == 4
+
+    await store.release_rate_slots("encode", first, 2)
+    assert await store.take_rate_slots("encode", first, 5, 3) == 2
+
+    following = RateWindow.at(now + 10_000, 10_000)
+    assert following.start_ms == first.start_ms + 10_000
+    assert await store.take_rate_slots("encode", following, 5, 5) == 5
+
+
+async def test_concurrent_rate_slot_takers_never_exceed_the_limit(store: Store) -> None:
+    window = RateWindow.at(int(time.time() * 1000), 10_000)
+    grants = await asyncio.gather(
+        *(store.take_rate_slots("encode", window, 7, 2) for _ in range(10))
+    )
+    assert all(0 <= granted <= 2 for granted in grants)
+    assert sum(grants) <= 7
+    rest = await store.take_rate_slots("encode", window, 7, 7)
+    assert sum(grants) + rest == 7
 
 
 # Failures.
