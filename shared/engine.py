@@ -30,7 +30,6 @@ from shared.config import Settings
 from shared.definitions import DefinitionCache, validate_workflow_def
 from shared.errors import (
     BadRequest,
-    BatonError,
     BrokerError,
     Conflict,
     NotFound,
@@ -38,7 +37,7 @@ from shared.errors import (
 )
 from shared.expressions import referenced_tasks, resolve
 from shared.ids import random_uuid
-from shared.interfaces import Broker, RateWindow, Store, TaskMessage, VersionedTask
+from shared.interfaces import Broker, Store, TaskMessage, VersionedTask
 from shared.metrics import METRICS
 from shared.models import (
     PENDING_TASK_STATUSES,
@@ -212,43 +211,6 @@ class Engine:
             self.timers.arm_handed_out(tasks, versions)
         return tasks
 
-    async def room(self, task_type: str) -> int | None:
-        """How many more tasks of `task_type` may be IN_PROGRESS under its
-        definition's `concurrentExecLimit`; None when it sets none."""
-        limit = (await self.definitions.task_def(task_type)).concurrentExecLimit
-        if not limit:
-            return None
-        return max(0, limit - await self.store.count_in_progress(task_type))
-
-    async def rate_slots(
-        self, task_type: str, wanted: int
-    ) -> tuple[int, RateWindow] | None:
-        """Reserve up to `wanted` hand-outs of `task_type` under its
-        definition's `rateLimitPerFrequency` per
-        `rateLimitFrequencyInSeconds` (1 when unset); return how many were
-        granted and in which window, or None when it sets no rate."""
-        definition = await self.definitions.task_def(task_type)
-        limit = definition.rateLimitPerFrequency
-        if not limit:
-            return None
-        seconds = definition.rateLimitFrequencyInSeconds or 1
-        window = RateWindow.at(now_ms(), seconds * 1000)
-        return await self.store.take_rate_slots(
-            task_type, window, limit, wanted
-        ), window
-
-    async def release_rate_slots(
-        self, task_type: str, window: RateWindow, count: int
-    ) -> None:
-        """Give back slots that no hand-out used. A failure only leaves
-        them unused until the window ends, so it is logged, not raised."""
-        try:
-            await self.store.release_rate_slots(task_type, window, count)
-        except BatonError as exc:
-            log.warning(
-                "giving back %d rate slots of %s failed: %s", count, task_type, exc
-            )
-
     async def ack(self, task_id: str, worker_id: str | None) -> bool:
         """Acknowledge that `worker_id` holds `task_id` in progress.
 
@@ -397,17 +359,16 @@ class Engine:
         for (queue, _, delay), messages in groups.items():
             await self.send(queue, messages, delay)
 
-    async def schedule_first(self, workflow_id: str) -> None:
+    async def schedule_first(self, workflow: Workflow) -> None:
         """Schedule the first task of a RUNNING workflow stored without one.
 
         A start whose task write failed (or whose process died) after the
         workflow write leaves such a workflow. The task's id is derived
         from the workflow, so scheduling it twice stores it once.
         """
-        workflow = await self.store.get_workflow(workflow_id)
-        if workflow is None or workflow.terminal or not workflow.workflowDefinition:
-            return
         definition = workflow.workflowDefinition
+        if workflow.terminal or not definition:
+            return
         await self._schedule(workflow, definition, 0, seq=1, context_task=None)
 
     # Scheduling.

@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.fixtures.rabbitmq",
-    "tests.fixtures.mongodb",
+    # Before mongodb, which imports its helpers.
     "tests.fixtures.processes",
+    "tests.fixtures.mongodb",
 ]

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
+import time
 from collections.abc import Sequence
 
 from aiohttp import web
 
 from services.gateway.dispatch import Dispatchers
+from services.gateway.limits import HandOutLimits
 from shared.clock import now_ms
 from shared.engine import Engine
 from shared.errors import BatonError, TooManyRequests
@@ -44,10 +45,7 @@ class Poller:
         self._polls = polls
         self._max_active = max_active
         self._active = 0
-        # Per task type, the tasks that polls of this gateway may still
-        # claim under a concurrentExecLimit: not yet IN_PROGRESS in the
-        # store, so not in its count.
-        self._reserved: Counter[str] = Counter()
+        self._limits = HandOutLimits(engine.definitions, engine.store)
 
     @property
     def saturated(self) -> bool:
@@ -66,8 +64,9 @@ class Poller:
         """Wait up to `timeout_ms` for up to `count` tasks and claim them.
 
         Returns the claimed tasks and the deliveries to settle once the
-        answer is written (see `answer`). Raises TooManyRequests, having
-        recorded nothing, while the gateway is saturated.
+        answer is written (see `answer`), and counts the poll in the
+        metrics. Raises TooManyRequests, having recorded nothing, while the
+        gateway is saturated.
         """
         if self.saturated:
             raise TooManyRequests(
@@ -75,77 +74,33 @@ class Poller:
                 f"retry in {TooManyRequests.retry_after} s or poll another replica"
             )
         self._polls.record(task_type, domain, worker_id, now_ms())
-        if count == 0:
-            return [], []
+        started = time.monotonic()
         self._active += 1
         try:
-            return await self._poll(
-                request, task_type, domain, worker_id, count, timeout_ms
-            )
+            # A type at its concurrentExecLimit, or out of its rate, answers
+            # at once, as Conductor does: a poll waiting for room would hold
+            # deliveries it may not hand out.
+            allowance = await self._limits.allow(task_type, count)
+            tasks: list[Task] = []
+            deliveries: list[Delivery] = []
+            try:
+                if allowance.count:
+                    tasks, deliveries = await self._poll(
+                        request,
+                        task_type,
+                        domain,
+                        worker_id,
+                        allowance.count,
+                        timeout_ms,
+                    )
+            finally:
+                await allowance.release(len(tasks))
         finally:
             self._active -= 1
+        METRICS.poll_answered(task_type, len(tasks), time.monotonic() - started)
+        return tasks, deliveries
 
     async def _poll(
-        self,
-        request: web.Request,
-        task_type: str,
-        domain: str | None,
-        worker_id: str | None,
-        count: int,
-        timeout_ms: int,
-    ) -> tuple[list[Task], list[Delivery]]:
-        # A type at its concurrentExecLimit, or out of its rate, answers at
-        # once, as Conductor does: a poll waiting for room would hold
-        # deliveries it may not hand out.
-        room = await self._engine.room(task_type)
-        if room is None:
-            return await self._rate_limited(
-                request, task_type, domain, worker_id, count, timeout_ms
-            )
-        room -= self._reserved[task_type]
-        if room <= 0:
-            return [], []
-        count = min(count, room)
-        self._reserved[task_type] += count
-        try:
-            return await self._rate_limited(
-                request, task_type, domain, worker_id, count, timeout_ms
-            )
-        finally:
-            self._reserved[task_type] -= count
-            if self._reserved[task_type] <= 0:
-                del self._reserved[task_type]
-
-    async def _rate_limited(
-        self,
-        request: web.Request,
-        task_type: str,
-        domain: str | None,
-        worker_id: str | None,
-        count: int,
-        timeout_ms: int,
-    ) -> tuple[list[Task], list[Delivery]]:
-        slots = await self._engine.rate_slots(task_type, count)
-        if slots is None:
-            return await self._take(
-                request, task_type, domain, worker_id, count, timeout_ms
-            )
-        granted, window = slots
-        if granted == 0:
-            return [], []
-        tasks: list[Task] = []
-        try:
-            tasks, deliveries = await self._take(
-                request, task_type, domain, worker_id, granted, timeout_ms
-            )
-            return tasks, deliveries
-        finally:
-            if len(tasks) < granted:
-                await self._engine.release_rate_slots(
-                    task_type, window, granted - len(tasks)
-                )
-
-    async def _take(
         self,
         request: web.Request,
         task_type: str,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
+from collections.abc import Coroutine
 from typing import Any, cast
 
 import msgspec
@@ -57,11 +57,9 @@ async def poll_batch(request: web.Request) -> web.StreamResponse:
     timeout = query_int(
         request, "timeout", 100, minimum=0, maximum=ctx.settings.max_poll_timeout_ms
     )
-    started = time.monotonic()
     tasks, deliveries = await ctx.poller.poll(
         request, task_type, domain, worker_id, count, timeout
     )
-    METRICS.poll_answered(task_type, len(tasks), time.monotonic() - started)
     return await answer(request, json_response(tasks), deliveries)
 
 
@@ -82,12 +80,23 @@ async def _poll_single(
     task_type: str,
     domain: str | None,
     worker_id: str | None,
+    alongside: Coroutine[Any, Any, None] | None = None,
 ) -> web.StreamResponse:
-    started = time.monotonic()
-    tasks, deliveries = await ctx.poller.poll(
+    """Poll one task and answer with it; run `alongside` meanwhile, the
+    poll's deliveries going back if it fails."""
+    polling = ctx.poller.poll(
         request, task_type, domain, worker_id, 1, SINGLE_POLL_TIMEOUT_MS
     )
-    METRICS.poll_answered(task_type, len(tasks), time.monotonic() - started)
+    if alongside is None:
+        tasks, deliveries = await polling
+    else:
+        running = asyncio.ensure_future(polling)
+        try:
+            await alongside
+        except BaseException:
+            await give_back(running)
+            raise
+        tasks, deliveries = await running
     if not tasks:
         return web.Response(status=NO_CONTENT)
     return await answer(request, json_response(tasks[0]), deliveries)
@@ -116,27 +125,14 @@ async def update_v2(request: web.Request) -> web.StreamResponse:
 
     # The next task of the workflow and the next task for this worker are
     # independent: their store writes go together.
-    started = time.monotonic()
-    polling = asyncio.ensure_future(
-        ctx.poller.poll(
-            request,
-            task.taskType,
-            task.domain or None,
-            result.workerId,
-            1,
-            SINGLE_POLL_TIMEOUT_MS,
-        )
+    return await _poll_single(
+        request,
+        ctx,
+        task.taskType,
+        task.domain or None,
+        result.workerId,
+        alongside=ctx.engine.follow_up(update),
     )
-    try:
-        await ctx.engine.follow_up(update)
-    except BaseException:
-        await give_back(polling)
-        raise
-    tasks, deliveries = await polling
-    METRICS.poll_answered(task.taskType, len(tasks), time.monotonic() - started)
-    if not tasks:
-        return web.Response(status=NO_CONTENT)
-    return await answer(request, json_response(tasks[0]), deliveries)
 
 
 @routes.post("/api/tasks/{workflowId}/{taskRefName}/{status}")

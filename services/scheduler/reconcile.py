@@ -148,5 +148,5 @@ class Reconciler:
         if workflow is None or workflow.createTime > cutoff:
             return False
         log.warning("workflow %s has no task; scheduling its first", workflow_id)
-        await self._engine.schedule_first(workflow_id)
+        await self._engine.schedule_first(workflow)
         return True

@@ -22,6 +22,7 @@ import msgspec
 
 from services.scheduler.reconcile import Reconciler
 from shared.errors import BatonError
+from shared.ids import random_hex
 from shared.interfaces import (
     SWEEP_QUEUE,
     TIMER_QUEUE,
@@ -100,14 +101,9 @@ class Scheduler:
             log.warning(
                 "timer for %s failed, retried later: %s", delivery.message.task_id, exc
             )
-            # The same timers again, a batch included.
+            # The same timers again, a batch included, as a new publish.
             retry = msgspec.structs.replace(
-                TaskMessage.for_task(
-                    delivery.message.task_id,
-                    delivery.message.version,
-                    delivery.message.kind,
-                ),
-                batch=delivery.message.batch,
+                delivery.message, message_id=random_hex(8), trace=""
             )
             await self._engine.send(TIMER_QUEUE, [retry], _RETRY_FAILED_TIMER_SECONDS)
         await delivery.ack()

@@ -140,11 +140,6 @@ class _RabbitDelivery(Delivery):
         return self._channel
 
     @property
-    def channel_closed(self) -> bool:
-        """True once the channel this delivery came on is gone."""
-        return self._channel.is_closed
-
-    @property
     def returned(self) -> bool:
         """True once the channel closed: RabbitMQ has requeued the message."""
         return self._channel.is_closed
@@ -406,8 +401,7 @@ class _RabbitSubscription(Subscription):
         # robust channel reopens, and `_on_reopen` consumes again unless
         # this subscription was cancelled.
         self._reap()
-        if self._cancelled and not self._outstanding and not self._closed:
-            self._broker._spawn(self.close())
+        self._close_if_done()
 
     async def _on_reopen(self, _channel: Any) -> None:
         self._reap()
@@ -423,7 +417,7 @@ class _RabbitSubscription(Subscription):
             )
 
     def _reap(self) -> None:
-        dead = [t for t, d in self._outstanding.items() if d.channel_closed]
+        dead = [t for t, d in self._outstanding.items() if d.returned]
         for tag in dead:
             self._outstanding.pop(tag).settled = True
             self._acked.discard(tag)

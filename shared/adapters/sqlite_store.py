@@ -186,6 +186,21 @@ def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def _tasks_by_id(
+    conn: sqlite3.Connection, columns: str, ids: Sequence[str]
+) -> list[Any]:
+    """`columns` of the tasks whose id is in `ids`, in no set order."""
+    rows: list[Any] = []
+    for chunk in _chunks(ids, _MAX_VARIABLES):
+        marks = ",".join("?" * len(chunk))
+        rows.extend(
+            conn.execute(
+                f"SELECT {columns} FROM tasks WHERE id IN ({marks})", chunk
+            ).fetchall()
+        )
+    return rows
+
+
 def _poll_data(
     queue_name: str, domain: str, worker_id: str | None, last_poll_time: int
 ) -> PollData:
@@ -575,19 +590,11 @@ class SQLiteStore(Store):
     async def get_tasks(self, task_ids: Sequence[str]) -> list[VersionedTask]:
         ids = list(dict.fromkeys(task_ids))
 
-        def read(conn: sqlite3.Connection) -> list[tuple[bytes, int]]:
-            rows: list[tuple[bytes, int]] = []
-            for chunk in _chunks(ids, _MAX_VARIABLES):
-                marks = ",".join("?" * len(chunk))
-                rows.extend(
-                    conn.execute(
-                        f"SELECT doc, version FROM tasks WHERE id IN ({marks})",
-                        chunk,
-                    ).fetchall()
-                )
-            return rows
-
-        rows = await self._call(read) if ids else []
+        rows = (
+            await self._call(lambda conn: _tasks_by_id(conn, "doc, version", ids))
+            if ids
+            else []
+        )
         return [VersionedTask(_decode_task(doc), version) for doc, version in rows]
 
     async def workflow_tasks(self, workflow_id: str) -> list[Task]:
@@ -611,15 +618,12 @@ class SQLiteStore(Store):
         worker = UNSET if worker_id is None else worker_id
 
         def claim(conn: sqlite3.Connection) -> list[Task]:
-            current: dict[str, tuple[str, int, str | None, bytes]] = {}
-            for chunk in _chunks(ids, _MAX_VARIABLES):
-                marks = ",".join("?" * len(chunk))
-                for task_id, *state in conn.execute(
-                    "SELECT id, status, version, claim, doc FROM tasks "
-                    f"WHERE id IN ({marks})",
-                    chunk,
-                ):
-                    current[task_id] = (state[0], state[1], state[2], state[3])
+            current: dict[str, tuple[str, int, str | None, bytes]] = {
+                task_id: (status, version, claimed_by, doc)
+                for task_id, status, version, claimed_by, doc in _tasks_by_id(
+                    conn, "id, status, version, claim, doc", ids
+                )
+            }
             winners: list[Task] = []
             updates: list[tuple[int, str, bytes, str]] = []
             for message in unique.values():

@@ -8,20 +8,16 @@ the scenario's directory.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
-import aiohttp
-
-from tests.chaos.rabbitmq_node import free_port
+from tests.fixtures.processes import free_port, stop_process, wait_healthy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 30.0
@@ -76,22 +72,9 @@ class Service:
         not healthy within STARTUP_TIMEOUT_S.
         """
         self._launch()
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        async with aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=2)
-        ) as session:
-            while True:
-                if not self.running:
-                    raise ServiceFailed(f"{self.name} exited:\n{self.tail()}")
-                try:
-                    async with session.get(f"{self.url}/health") as response:
-                        if response.status == 200:
-                            return
-                except (aiohttp.ClientError, TimeoutError):
-                    pass
-                if time.monotonic() > deadline:
-                    raise ServiceFailed(f"{self.name} not healthy:\n{self.tail()}")
-                await asyncio.sleep(0.05)
+        failure = await wait_healthy(self.url, lambda: self.running, STARTUP_TIMEOUT_S)
+        if failure:
+            raise ServiceFailed(f"{self.name} {failure}:\n{self.tail()}")
 
     def kill(self) -> None:
         """SIGKILL the process and reap it."""
@@ -102,13 +85,8 @@ class Service:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after a grace period; always reaps."""
-        if self.process is not None and self.running:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        if self.process is not None:
+            stop_process(self.process, STOP_GRACE_S)
         self._close_log()
 
     def tail(self, chars: int = 4000) -> str:

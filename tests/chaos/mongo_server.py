@@ -12,16 +12,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-from pymongo import MongoClient
-from pymongo.errors import PyMongoError
-
-from tests.chaos.rabbitmq_node import free_port
-
-STARTUP_TIMEOUT_S = 30.0
+from tests.fixtures.mongodb import start_nx_27017
+from tests.fixtures.processes import free_port, stop_process
 
 
 class MongoServer:
@@ -42,29 +36,8 @@ class MongoServer:
         """Start the server and wait until it answers a ping."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self.starts += 1
-        log = (self.directory / f"server-{self.starts}.log").open("wb")
-        with log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "nx_27017.nx_27017",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--data-dir",
-                    str(self.directory / "databases"),
-                    "--pid-file",
-                    str(self.directory / "nx-27017.pid"),
-                    "--log-file",
-                    str(self.directory / "nx-27017.log"),
-                ],
-                cwd=self.directory,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self._wait_for_ping()
+        log = self.directory / f"server-{self.starts}.log"
+        self.process = start_nx_27017(self.directory, self.port, log)
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and reap it."""
@@ -72,12 +45,7 @@ class MongoServer:
         if process is None or process.poll() is not None:
             return
         os.kill(process.pid, signal.SIGCONT)
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process)
 
     def freeze(self) -> None:
         """SIGSTOP: connections stay open and nothing answers."""
@@ -88,21 +56,3 @@ class MongoServer:
         """SIGCONT: the server carries on where it stopped."""
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGCONT)
-
-    def _wait_for_ping(self) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        client: MongoClient[dict[str, object]]
-        with MongoClient(self.url, serverSelectionTimeoutMS=500) as client:
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(
-                        f"nx-27017 exited with {self.process.returncode}"
-                    )
-                try:
-                    client.admin.command("ping")
-                    return
-                except PyMongoError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)

@@ -21,16 +21,10 @@ import time
 import uuid
 from pathlib import Path
 
+from tests.fixtures.processes import free_port
+
 STARTUP_TIMEOUT_S = 60.0
 CTL_TIMEOUT_S = 120.0
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def unavailable_reason() -> str | None:

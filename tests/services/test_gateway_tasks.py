@@ -407,23 +407,38 @@ async def test_single_poll_hands_out_one_task(baton: Baton) -> None:
     assert (status, body) == (204, "")
 
 
-async def test_concurrent_exec_limit_caps_the_tasks_in_progress(baton: Baton) -> None:
+async def three_workflows_of_a_limited_type(
+    baton: Baton, **limits: int
+) -> tuple[str, set[str]]:
+    """Register a task type with `limits` and start three one-task
+    workflows of it; return the type and the workflow ids."""
     task_type = unique("limited")
     status, body = await baton.request(
-        "POST",
-        "/metadata/taskdefs",
-        json=[{"name": task_type, "concurrentExecLimit": 2}],
+        "POST", "/metadata/taskdefs", json=[{"name": task_type, **limits}]
     )
     assert status == 200, body
     name = unique("wf")
     await baton.register_workflow(name, [task_type])
-    started = {await baton.start(name) for _ in range(3)}
+    return task_type, {await baton.start(name) for _ in range(3)}
 
+
+async def poll_exactly(
+    baton: Baton, task_type: str, expected: int
+) -> list[dict[str, object]]:
+    """Batch-poll for five until `expected` tasks came, never more."""
     handed: list[dict[str, object]] = []
-    while len(handed) < 2:
+    while len(handed) < expected:
         batch = await baton.poll(task_type, count=5, timeout=2000)
-        assert 1 <= len(batch) <= 2 - len(handed)
+        assert 1 <= len(batch) <= expected - len(handed)
         handed.extend(batch)
+    return handed
+
+
+async def test_concurrent_exec_limit_caps_the_tasks_in_progress(baton: Baton) -> None:
+    task_type, started = await three_workflows_of_a_limited_type(
+        baton, concurrentExecLimit=2
+    )
+    handed = await poll_exactly(baton, task_type, 2)
     # Two in progress: the third task stays queued.
     assert await baton.poll(task_type, count=5, timeout=1000) == []
 
@@ -440,24 +455,11 @@ async def test_concurrent_exec_limit_caps_the_tasks_in_progress(baton: Baton) ->
 
 
 async def test_rate_limit_caps_the_tasks_handed_out_per_window(baton: Baton) -> None:
-    task_type = unique("rated")
     # A day-long window: the test does not straddle two of them.
-    definition = {
-        "name": task_type,
-        "rateLimitPerFrequency": 2,
-        "rateLimitFrequencyInSeconds": 86_400,
-    }
-    status, body = await baton.request("POST", "/metadata/taskdefs", json=[definition])
-    assert status == 200, body
-    name = unique("wf")
-    await baton.register_workflow(name, [task_type])
-    started = {await baton.start(name) for _ in range(3)}
-
-    handed: list[dict[str, object]] = []
-    while len(handed) < 2:
-        batch = await baton.poll(task_type, count=5, timeout=2000)
-        assert 1 <= len(batch) <= 2 - len(handed)
-        handed.extend(batch)
+    task_type, started = await three_workflows_of_a_limited_type(
+        baton, rateLimitPerFrequency=2, rateLimitFrequencyInSeconds=86_400
+    )
+    handed = await poll_exactly(baton, task_type, 2)
     # Finished tasks do not give their hand-outs back: the rate is spent.
     for task in handed:
         assert (await baton.complete(task))[0] == 200
