@@ -8,18 +8,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.chaos.rabbitmq_node import RabbitNode, unavailable_reason
 from tests.chaos.report import LEGEND, OUTCOMES, notes, table
+from tests.fixtures.rabbitmq_node import RabbitNode, unavailable_reason
 
 
 @pytest.fixture(scope="session")
 def chaos_amqp_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """A RabbitMQ that only the fault suite uses, for the whole session.
 
-    Other suites on the machine may restart the shared broker (one test
-    does, on purpose), which would fault every scenario at once; so the
-    scenarios run on a node of their own where this machine can start
-    one, and on the suite's broker otherwise.
+    The scenarios stop and cut RabbitMQ, which would fault anything else
+    using the machine's broker at the time; so they run on a node of
+    their own where this machine can start one, and on the suite's broker
+    otherwise.
     """
     if unavailable_reason() is not None:
         yield str(request.getfixturevalue("amqp_url"))

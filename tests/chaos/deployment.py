@@ -30,7 +30,7 @@ from tests.chaos.books import (
 )
 from tests.chaos.mongo_server import MongoServer
 from tests.chaos.proxy import TcpProxy
-from tests.chaos.rabbitmq_node import RabbitNode
+from tests.fixtures.rabbitmq_node import RabbitNode
 
 
 @dataclass(frozen=True)

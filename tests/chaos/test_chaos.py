@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from tests.chaos.deployment import Resources
-from tests.chaos.rabbitmq_node import unavailable_reason
 from tests.chaos.report import OUTCOMES
 from tests.chaos.runner import FULL, SHORT, Outcome, Scenario, run
 from tests.chaos.scenarios import SCENARIOS
+from tests.fixtures.rabbitmq_node import unavailable_reason
 
 SHORT_RUNS_AT_ONCE = 4
 

@@ -143,6 +143,12 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def gateway_amqp_url(amqp_url: str) -> str:
+    """The RabbitMQ a gateway on the `rabbitmq` backend connects to."""
+    return amqp_url
+
+
+@pytest.fixture
 def settings(backend: str, tmp_path: Any, request: pytest.FixtureRequest) -> Settings:
     """Settings for a gateway on `backend`: embedded broker and SQLite, or
     RabbitMQ and the MongoDB wire server."""
@@ -156,7 +162,7 @@ def settings(backend: str, tmp_path: Any, request: pytest.FixtureRequest) -> Set
     if backend == "rabbitmq":
         mongodb_url = request.getfixturevalue("mongodb_url")
         return Settings(
-            amqp_url=request.getfixturevalue("amqp_url"),
+            amqp_url=request.getfixturevalue("gateway_amqp_url"),
             queue_prefix=request.getfixturevalue("broker_prefix"),
             mongodb_url=mongodb_url,
             mongodb_database=request.getfixturevalue("mongo_database"),

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -376,42 +374,3 @@ async def wait_until_ended(
             return workflow
         await asyncio.sleep(0.1)
     pytest.fail(f"workflow {workflow_id} still running after {seconds}s")
-
-
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
-
-
-@pytest.mark.parametrize("backend", ["rabbitmq"], indirect=True)
-async def test_delayed_task_survives_a_broker_restart(baton: Baton) -> None:
-    if shutil.which("rabbitmqctl") is None:
-        pytest.skip("rabbitmqctl is not on this machine")
-    task_type = unique("restart")
-    workflow_id = await one_task_workflow(baton, task_type)
-    task = await baton.poll_until(task_type)
-    asked_at = time.monotonic()
-    await baton.complete(task, status="IN_PROGRESS", callbackAfterSeconds=6)
-
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, rabbitmqctl, "stop_app")
-    await loop.run_in_executor(None, rabbitmqctl, "start_app")
-    await loop.run_in_executor(None, rabbitmqctl, "await_startup")
-
-    again = None
-    deadline = time.monotonic() + 40
-    while again is None and time.monotonic() < deadline:
-        status, body = await baton.request(
-            "GET",
-            f"/tasks/poll/batch/{task_type}",
-            params={"timeout": 2000, "workerid": "after-restart"},
-        )
-        if status == 200 and body:
-            again = body[0]
-        elif status != 200:
-            await asyncio.sleep(0.5)
-    assert again is not None, "the delayed task never came back"
-    assert again["taskId"] == task["taskId"]
-    assert again["pollCount"] == 2
-    assert time.monotonic() - asked_at >= 6
-    await baton.complete(again)
-    assert (await baton.workflow(workflow_id))["status"] == "COMPLETED"
