@@ -17,6 +17,7 @@ from msgspec import UNSET
 from shared.errors import StoreError
 from shared.interfaces import Store
 from shared.models import PollData
+from shared.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,9 @@ class PollRecorder:
         self._latest: dict[_Key, PollData] = {}
         self._dirty: set[_Key] = set()
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
+        self._flusher = Periodic(
+            self._interval, self._flush_in_background, "poll-data-flush"
+        )
 
     def record(
         self, task_type: str, domain: str | None, worker_id: str | None, now: int
@@ -77,22 +80,16 @@ class PollRecorder:
 
     def start(self) -> None:
         """Start flushing in the background."""
-        self._task = asyncio.create_task(self._run(), name="poll-data-flush")
+        self._flusher.start()
 
     async def stop(self) -> None:
         """Stop the background flush and write what is left."""
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._flusher.stop()
         with contextlib.suppress(StoreError):
             await self.flush()
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.flush()
-            except StoreError as exc:
-                log.warning("poll data not flushed: %s", exc)
+    async def _flush_in_background(self) -> None:
+        try:
+            await self.flush()
+        except StoreError as exc:
+            log.warning("poll data not flushed: %s", exc)

@@ -30,6 +30,7 @@ from shared.interfaces import (
     Subscription,
     TaskMessage,
 )
+from shared.periodic import Periodic
 from shared.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Scheduler:
         self._work: set[asyncio.Task[None]] = set()
         self._last_sweep = 0.0
         self._last_token = time.monotonic()
-        self._watchdog: asyncio.Task[None] | None = None
+        self._watchdog = Periodic(self._interval, self._check_tokens, "sweep-watchdog")
 
     async def start(self) -> None:
         """Reconcile once, then consume timers and sweep tokens."""
@@ -68,14 +69,11 @@ class Scheduler:
             await broker.subscribe(SWEEP_QUEUE, 1, self._on_token),
         ]
         await self._publish_token(0)
-        self._watchdog = asyncio.create_task(self._watch_tokens())
+        self._watchdog.start()
 
     async def stop(self) -> None:
         """Stop consuming and let in-flight work finish."""
-        if self._watchdog:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+        await self._watchdog.stop()
         for subscription in self._subscriptions:
             with contextlib.suppress(BatonError):
                 await subscription.cancel()
@@ -125,11 +123,9 @@ class Scheduler:
         token = TaskMessage.for_task("sweep", 0, "sweep")
         await self._engine.send(SWEEP_QUEUE, [token], delay)
 
-    async def _watch_tokens(self) -> None:
+    async def _check_tokens(self) -> None:
         # A token lost with a broker crash would end the sweeps for good;
         # any replica that has seen none for three intervals adds one.
-        while True:
-            await asyncio.sleep(self._interval)
-            if time.monotonic() - self._last_token > 3 * self._interval:
-                self._last_token = time.monotonic()
-                await self._publish_token(0)
+        if time.monotonic() - self._last_token > 3 * self._interval:
+            self._last_token = time.monotonic()
+            await self._publish_token(0)
