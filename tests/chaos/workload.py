@@ -369,16 +369,25 @@ class Workload:
             await asyncio.gather(*(self._work(t, name, gateway) for t in tasks))
 
     async def _abandoner(self, task_type: str, n: int) -> None:
-        """A worker that crashes while its long poll waits: the request is
-        dropped after a few hundred milliseconds."""
+        """A worker whose long polls die while they wait: each request is
+        dropped after a few hundred milliseconds. An answer that arrives
+        before the drop is worked like any worker's: only the polls are
+        abandoned, so that a task's every attempt does not risk a hand-out
+        nobody will answer."""
         rng = random.Random(f"{self.seed}:abandoner:{n}")
-        params = {"count": 1, "timeout": 3000, "workerid": f"abandoner{n}"}
+        name = f"abandoner{n}"
+        params = {"count": 1, "timeout": 3000, "workerid": name}
         path = f"/tasks/poll/batch/{task_type}"
         while not self._halt.is_set():
+            tasks: Any = None
             with contextlib.suppress(TimeoutError, CallFailed):
-                await asyncio.wait_for(
+                status, tasks = await asyncio.wait_for(
                     self.api.call(n, "GET", path, params=params), rng.uniform(0.05, 0.4)
                 )
+                if status != 200:
+                    tasks = None
+            if isinstance(tasks, list):
+                await asyncio.gather(*(self._work(t, name, n) for t in tasks))
 
     def _hand_out(self, task: Json, worker: str, gateway: int) -> HandOut:
         rng = random.Random(f"{self.seed}:{task['taskId']}:{task.get('pollCount')}")
