@@ -61,6 +61,11 @@ class TaskMessage(msgspec.Struct, array_like=True, frozen=True):
     def for_task(cls, task_id: str, version: int, kind: str = "") -> TaskMessage:
         return cls(task_id, version, random_hex(8), kind)
 
+    def anew(self) -> TaskMessage:
+        """The same message, batch included, as a publish of its own: a new
+        id, and no trace of the span that published this one."""
+        return msgspec.structs.replace(self, message_id=random_hex(8), trace="")
+
 
 class VersionedTask(NamedTuple):
     """A task with its store version (incremented on every change)."""

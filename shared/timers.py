@@ -144,8 +144,7 @@ class Timers:
                 await asyncio.wait(self._flushing)
 
     async def _rearm(self, message: TaskMessage, seconds: int) -> None:
-        fresh = TaskMessage.for_task(message.task_id, message.version, message.kind)
-        await self._engine.send(TIMER_QUEUE, [fresh], seconds)
+        await self._engine.send(TIMER_QUEUE, [message.anew()], seconds)
 
     # Firing.
 

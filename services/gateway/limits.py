@@ -77,7 +77,7 @@ class HandOutLimits:
         concurrency = definition.concurrentExecLimit
         rate = definition.rateLimitPerFrequency
         count, reserved = wanted, 0
-        if concurrency:
+        if concurrency and count:
             in_progress = await self.store.count_in_progress(task_type)
             room = concurrency - in_progress - self._reserved[task_type]
             count = reserved = max(0, min(count, room))

@@ -18,11 +18,8 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-import msgspec
-
 from services.scheduler.reconcile import Reconciler
 from shared.errors import BatonError
-from shared.ids import random_hex
 from shared.interfaces import (
     SWEEP_QUEUE,
     TIMER_QUEUE,
@@ -99,11 +96,9 @@ class Scheduler:
             log.warning(
                 "timer for %s failed, retried later: %s", delivery.message.task_id, exc
             )
-            # The same timers again, a batch included, as a new publish.
-            retry = msgspec.structs.replace(
-                delivery.message, message_id=random_hex(8), trace=""
+            await self._engine.send(
+                TIMER_QUEUE, [delivery.message.anew()], _RETRY_FAILED_TIMER_SECONDS
             )
-            await self._engine.send(TIMER_QUEUE, [retry], _RETRY_FAILED_TIMER_SECONDS)
         await delivery.ack()
 
     async def _handle_token(self, delivery: Delivery) -> None:
@@ -128,4 +123,7 @@ class Scheduler:
         # any replica that has seen none for three intervals adds one.
         if time.monotonic() - self._last_token > 3 * self._interval:
             self._last_token = time.monotonic()
-            await self._publish_token(0)
+            try:
+                await self._publish_token(0)
+            except BatonError as exc:
+                log.warning("sweep token not published, tried again later: %s", exc)
